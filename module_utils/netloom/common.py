@@ -1,0 +1,161 @@
+"""Shared core of every netloom module: input errors, the change plan, the run loop.
+
+Every module follows one shape: validate all input (raising InputError), read live
+state once, compute a ChangePlan of ordered steps (each with before/after and the
+callable that performs it), then either report the plan (check mode) or execute it.
+Because check mode, diff mode, `changed` and the real run all come from the same
+plan, they cannot disagree.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+IFNAME_MAX = 15
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+
+
+class InputError(ValueError):
+    """Bad input, reported with the offending field and value before anything changes."""
+
+    def __init__(self, field_name: str, value: Any, reason: str) -> None:
+        super().__init__(f"{field_name}={value!r}: {reason}")
+        self.field_name = field_name
+        self.value = value
+
+
+class CommandError(RuntimeError):
+    """A system command failed; carries its output so the operator sees why."""
+
+
+@dataclass
+class Step:
+    """One change: a key naming the object, its state before and after, how to do it."""
+
+    key: str
+    action: str  # create | update | delete
+    before: Any
+    after: Any
+    run: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class ChangePlan:
+    """Ordered steps; the single source for `changed`, diff and execution."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    def add(self, key: str, action: str, before: Any, after: Any,
+            run: Optional[Callable[[], None]] = None) -> None:
+        self.steps.append(Step(key, action, before, after, run))
+
+    def extend(self, other: "ChangePlan") -> None:
+        self.steps.extend(other.steps)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.steps)
+
+    def execute(self) -> None:
+        for step in self.steps:
+            if step.run is not None:
+                step.run()
+
+    def summary(self) -> list[str]:
+        return [f"{step.action} {step.key}" for step in self.steps]
+
+    def diff(self) -> dict[str, dict[str, Any]]:
+        before: dict[str, Any] = {}
+        after: dict[str, Any] = {}
+        for step in self.steps:
+            if step.before is not None:
+                before[step.key] = step.before
+            if step.after is not None:
+                after[step.key] = step.after
+        return {"before": before, "after": after}
+
+
+def run_command(argv: list[str], stdin: Optional[str] = None, check: bool = True) -> str:
+    """Run a command without a shell (no quoting bugs); raise CommandError with its stderr."""
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise CommandError(f"{' '.join(argv)} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def finish(module: Any, plan: ChangePlan, **result: Any) -> None:
+    """Execute the plan unless in check mode and exit with changed, diff and the steps."""
+    if not module.check_mode:
+        plan.execute()
+    payload: dict[str, Any] = {"changed": plan.changed, "changes": plan.summary()}
+    if module._diff:  # pylint: disable=protected-access
+        payload["diff"] = plan.diff()
+    payload.update(result)
+    module.exit_json(**payload)
+
+
+def guarded(module: Any, body: Callable[[], None]) -> None:
+    """Run a module body; turn InputError/CommandError into fail_json with a clear message."""
+    try:
+        body()
+    except InputError as err:
+        module.fail_json(msg=str(err), field=err.field_name, value=str(err.value))
+    except CommandError as err:
+        module.fail_json(msg=str(err))
+
+
+# ---- validators: each returns the normalised value or raises InputError ----
+
+def ipv4_address(field_name: str, value: Any) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(str(value).strip())
+    except ValueError:
+        raise InputError(field_name, value, "not an IPv4 address") from None
+
+
+def ipv4_network(field_name: str, value: Any, strict: bool = True) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(str(value).strip(), strict=strict)
+    except ValueError as err:
+        raise InputError(field_name, value, f"not an IPv4 CIDR ({err})") from None
+
+
+def ipv4_interface(field_name: str, value: Any) -> ipaddress.IPv4Interface:
+    text = str(value).strip()
+    if "/" not in text:
+        raise InputError(field_name, value, "needs a prefix length, e.g. 10.0.0.1/8")
+    try:
+        return ipaddress.IPv4Interface(text)
+    except ValueError as err:
+        raise InputError(field_name, value, f"not an IPv4 address/prefix ({err})") from None
+
+
+def ifname(field_name: str, value: Any) -> str:
+    text = str(value)
+    if not text or len(text) > IFNAME_MAX:
+        raise InputError(field_name, value, f"interface names are 1..{IFNAME_MAX} characters")
+    if not _IFNAME_RE.match(text) or text in (".", ".."):
+        raise InputError(field_name, value, "interface names allow letters, digits and _.:- only")
+    return text
+
+
+def int_range(field_name: str, value: Any, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InputError(field_name, value, "not an integer") from None
+    if isinstance(value, bool) or not low <= number <= high:
+        raise InputError(field_name, value, f"must be between {low} and {high}")
+    return number
+
+
+def port(field_name: str, value: Any) -> int:
+    return int_range(field_name, value, 1, 65535)
+
+
+def vni(field_name: str, value: Any) -> int:
+    return int_range(field_name, value, 1, 16777215)

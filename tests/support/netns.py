@@ -1,0 +1,71 @@
+"""Throwaway network namespaces and a runner for modules inside them."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import uuid
+from typing import Any, Optional
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RUNNER = ROOT / "tests" / "support" / "run_module.py"
+
+
+def sh(cmd: str, netns: Optional[str] = None, check: bool = True) -> str:
+    """Run a shell command, inside `netns` (via nsenter, which keeps /sys intact)."""
+    argv = ["bash", "-c", cmd]
+    if netns:
+        argv = ["nsenter", f"--net=/run/netns/{netns}"] + argv
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd!r} failed: {proc.stderr}{proc.stdout}")
+    return proc.stdout
+
+
+class Netns:
+    """A named netns with loopback up; deleted (with all its links) on exit."""
+
+    def __init__(self, prefix: str = "nltest") -> None:
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> "Netns":
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.sh("ip link set lo up")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def sh(self, cmd: str, check: bool = True) -> str:
+        return sh(cmd, self.name, check)
+
+
+def run_module(name: str, args: dict[str, Any], netns: Optional[str] = None,
+               check_mode: bool = False, diff: bool = True) -> dict[str, Any]:
+    """Execute library/NAME.py as one process (inside `netns`) and return its JSON result.
+
+    A failed module (fail_json) returns its result with failed=True instead of raising,
+    so tests can assert on the message.
+    """
+    payload = dict(args)
+    payload["_ansible_check_mode"] = check_mode
+    payload["_ansible_diff"] = diff
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump({"ANSIBLE_MODULE_ARGS": payload}, handle)
+        args_file = handle.name
+    argv = [sys.executable, str(RUNNER), str(ROOT / "library" / f"{name}.py"), args_file]
+    if netns:
+        argv = ["nsenter", f"--net=/run/netns/{netns}"] + argv
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    finally:
+        os.unlink(args_file)
+    try:
+        result = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"module {name} printed no JSON: rc={proc.returncode} "
+                             f"stdout={proc.stdout!r} stderr={proc.stderr!r}") from None
+    return result
