@@ -56,7 +56,8 @@ def run_module(name: str, args: dict[str, Any], netns: Optional[str] = None,
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump({"ANSIBLE_MODULE_ARGS": payload}, handle)
         args_file = handle.name
-    argv = [sys.executable, str(RUNNER), str(ROOT / "library" / f"{name}.py"), args_file]
+    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
+    argv = [python, str(RUNNER), str(ROOT / "library" / f"{name}.py"), args_file]
     if netns:
         argv = ["nsenter", f"--net=/run/netns/{netns}"] + argv
     try:
