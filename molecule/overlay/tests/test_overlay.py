@@ -1,0 +1,157 @@
+"""Verify the KohakuRiver overlay on the lab by real traffic, not by reading config back.
+
+Runs after converge and again after the side effect broke things and converge repaired
+them, so every assertion here also proves the repair.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import uuid
+
+import pytest
+import testinfra
+
+INVENTORY = str(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
+SCENARIO = pathlib.Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
+IMAGE = "netloom-lab/busybox:latest"
+OUTSIDE_ECHO = "http://198.51.100.10:8080/"
+
+
+def node(name: str) -> testinfra.host.Host:
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    return node("hub")
+
+
+@pytest.fixture(scope="module")
+def runner1():
+    return node("runner1")
+
+
+@pytest.fixture(scope="module")
+def runner2():
+    return node("runner2")
+
+
+def link(host, name: str) -> dict:
+    out = host.check_output(f"ip -j -d addr show dev {name}")
+    return json.loads(out)[0]
+
+
+class Workload:
+    """A busybox container on a runner's overlay network, removed afterwards."""
+
+    def __init__(self, host, network: str = "kohakuriver-overlay") -> None:
+        self.host = host
+        self.name = f"nltest-{uuid.uuid4().hex[:6]}"
+        host.check_output(
+            f"docker run -d --name {self.name} --network {network} {IMAGE} "
+            "sh -c 'echo netloom-ok > /tmp/index.html; httpd -f -p 8080 -h /tmp'")
+        self.ip = host.check_output(
+            f"docker inspect -f '{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}' {self.name}")
+
+    def run(self, command: str):
+        return self.host.run(f"docker exec {self.name} {command}")
+
+    def remove(self) -> None:
+        self.host.run(f"docker rm -f {self.name}")
+
+
+@pytest.fixture(scope="module")
+def workloads(runner1, runner2):
+    first, second = Workload(runner1), Workload(runner2)
+    yield first, second
+    first.remove()
+    second.remove()
+
+
+def test_hub_has_one_vxlan_link_per_runner(hub):
+    for runner_id, remote in ((1, "192.0.2.11"), (2, "192.0.2.12")):
+        data = link(hub, f"vxkr{runner_id}")
+        info = data["linkinfo"]["info_data"]
+        assert info["id"] == 100 + runner_id
+        assert info["remote"] == remote
+        assert info["local"] == "192.0.2.10"
+        assert info["port"] == 4789
+        assert data["mtu"] == 1450
+        addrs = {(a["local"], a["prefixlen"]) for a in data["addr_info"] if a["family"] == "inet"}
+        assert addrs == {(f"10.{runner_id}.0.254", 16)}
+    anchor = link(hub, "kohaku-host")
+    assert ("10.0.0.1", 8) in {(a["local"], a["prefixlen"]) for a in anchor["addr_info"]}
+    assert hub.check_output("cat /proc/sys/net/ipv4/ip_forward") == "1"
+
+
+@pytest.mark.parametrize("runner_name,runner_id", [("runner1", 1), ("runner2", 2)])
+def test_runner_bridge_and_networks(runner_name, runner_id):
+    runner = node(runner_name)
+    bridge = link(runner, "kohaku-overlay")
+    assert {(a["local"], a["prefixlen"]) for a in bridge["addr_info"] if a["family"] == "inet"} == {
+        (f"10.{runner_id}.0.1", 16)}
+    vxlan = link(runner, "vxlan0")
+    assert vxlan["master"] == "kohaku-overlay"
+    assert vxlan["linkinfo"]["info_data"]["remote"] == "192.0.2.10"
+    assert vxlan["linkinfo"]["info_data"]["id"] == 100 + runner_id
+    route = runner.check_output("ip route show 10.0.0.0/8")
+    assert f"via 10.{runner_id}.0.254" in route
+    overlay = json.loads(runner.check_output("docker network inspect kohakuriver-overlay"))[0]
+    config = overlay["IPAM"]["Config"][0]
+    assert config["Subnet"] == f"10.{runner_id}.0.0/16"
+    assert config["Gateway"] == f"10.{runner_id}.0.1"
+    assert f"10.{runner_id}.0.254" in config.get("AuxiliaryAddresses", {}).values()
+    assert overlay["Options"]["com.docker.network.bridge.name"] == "kohaku-overlay"
+    default = json.loads(runner.check_output("docker network inspect kohakuriver-net"))[0]
+    assert default["IPAM"]["Config"][0]["Subnet"] == "172.30.0.0/16"
+    assert default["IPAM"]["Config"][0]["Gateway"] == "172.30.0.1"
+
+
+def test_container_on_runner1_reaches_container_on_runner2(workloads):
+    first, second = workloads
+    assert first.ip.startswith("10.1.") and second.ip.startswith("10.2.")
+    reply = first.run(f"wget -q -T 5 -O- http://{second.ip}:8080/index.html")
+    assert reply.rc == 0, reply.stderr
+    assert reply.stdout.strip() == "netloom-ok"
+    back = second.run(f"wget -q -T 5 -O- http://{first.ip}:8080/index.html")
+    assert back.rc == 0 and back.stdout.strip() == "netloom-ok"
+
+
+def test_container_reaches_the_hub_anchor(workloads):
+    first, second = workloads
+    for workload in (first, second):
+        result = workload.run("ping -c 2 -W 2 10.0.0.1")
+        assert result.rc == 0, result.stdout + result.stderr
+
+
+def test_container_reaches_outside_through_runner_nat(workloads):
+    first, second = workloads
+    for workload, underlay in ((first, "192.0.2.11"), (second, "192.0.2.12")):
+        seen = workload.run(f"wget -q -T 5 -O- {OUTSIDE_ECHO}")
+        assert seen.rc == 0, seen.stderr
+        assert seen.stdout.strip() == underlay
+
+
+def test_default_network_is_isolated_per_runner(runner1):
+    workload = Workload(runner1, network="kohakuriver-net")
+    try:
+        assert workload.ip.startswith("172.30.")
+        assert workload.run("ping -c 1 -W 2 172.30.0.1").rc == 0
+    finally:
+        workload.remove()
+
+
+def test_check_mode_after_converge_reports_no_change():
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    playbook = pathlib.Path(sys.executable).parent / "ansible-playbook"
+    proc = subprocess.run([str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")],
+                          capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats, "check run touched no host"
+    changed = {host: s["changed"] for host, s in stats.items() if s["changed"]}
+    assert not changed, f"check mode after converge reported changes: {changed}"
