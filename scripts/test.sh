@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Command 2 of the README: run every test netloom has.
+#   lint (ruff, ansible-lint) -> unit + module tests (pytest: netns, real Docker) ->
+#   molecule scenarios on the lab (real nodes over SSH, real traffic).
+# Idempotent: installs what is missing first (scripts/bootstrap.sh), then runs.
+# Usage: scripts/test.sh [--no-molecule] [SCENARIO ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+run_molecule=1
+scenarios=()
+for arg in "$@"; do
+  case "$arg" in
+    --no-molecule) run_molecule=0 ;;
+    *) scenarios+=("$arg") ;;
+  esac
+done
+if [ ${#scenarios[@]} -eq 0 ]; then
+  for dir in molecule/*/; do scenarios+=("$(basename "$dir")"); done
+fi
+
+bash scripts/bootstrap.sh || { echo "bootstrap failed"; exit 1; }
+# shellcheck disable=SC1091
+source .venv/bin/activate
+mkdir -p .cache
+
+passed=0
+failed=0
+failures=()
+stage() {  # stage NAME COMMAND...: run one stage, count it, keep going
+  local name=$1; shift
+  echo "=== $name"
+  if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); failures+=("$name"); fi
+}
+
+stage "ruff" ruff check library module_utils filter_plugins tests bench lab molecule
+stage "ansible-lint" ansible-lint -q roles playbooks molecule
+
+echo "=== pytest (unit + module tests)"
+pytest -q -p no:cacheprovider --junitxml=.cache/pytest.xml tests
+rc=$?
+if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then failures+=("pytest"); fi
+read -r py_passed py_failed < <(python3 - "$root/.cache/pytest.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    suite = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print(0, 1); sys.exit()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+total, fail = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+print(total - fail - int(suite.get("skipped", 0)), fail)
+PY
+)
+passed=$((passed + py_passed))
+failed=$((failed + py_failed))
+
+if [ "$run_molecule" = 1 ]; then
+  for scenario in "${scenarios[@]}"; do
+    stage "molecule $scenario" molecule test -s "$scenario"
+  done
+fi
+
+echo
+if [ ${#failures[@]} -gt 0 ]; then echo "failed stages: ${failures[*]}"; fi
+echo "netloom: $passed passed, $failed failed"
+[ ${#failures[@]} -eq 0 ]
