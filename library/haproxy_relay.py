@@ -1,0 +1,520 @@
+#!/usr/bin/python
+"""Ansible module haproxy_relay: HAProxy TCP relays whose config is validated before it goes live."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: haproxy_relay
+short_description: HAProxy TCP relays (local L4 proxy, registry relay), validated before they go live
+description:
+  - Renders a complete C(haproxy.cfg) from a list of TCP relays (one C(listen) section per relay,
+    one bind, one server) with the Jinja2 template embedded in C(module_utils/netloom/haproxy.py),
+    rendered on the managed node (needs Debian's C(python3-jinja2)).
+  - Install is validate-then-swap. The text is written to a temporary file next to I(path),
+    checked with C(haproxy -c -f TEMP), the previous file is kept as C(PATH.prev) (I(backup)),
+    and only then renamed over I(path) (C(os.replace), atomic). A config that C(haproxy -c)
+    rejects never goes live; the module fails with HAProxy's message and I(path) is unchanged.
+  - The live file is compared byte for byte with the rendering, so a hand-edited file is
+    reported as drift and restored; an unchanged file is not rewritten and HAProxy is not reloaded.
+  - Backends given by DNS name use a C(resolvers) section (default Docker's DNS 127.0.0.11:53)
+    and C(init-addr none), so HAProxy starts, and C(haproxy -c) passes, before the names resolve;
+    the server stays down until DNS answers. Backends given as IPv4 addresses need no DNS.
+  - With I(manage_service=true) (needs systemd as PID 1) the module installs a unit drop-in
+    (C(Environment=CONFIG=PATH) for Debian's unit, C(Restart=always)), enables the service,
+    starts it when it is not running, and after a config change runs C(systemctl reload)
+    (Debian's unit runs HAProxy in master-worker mode, so a reload hands the listeners to new
+    workers while old workers finish their connections; nothing is dropped). A changed drop-in
+    restarts the service instead, because the master only re-reads the unit on start.
+  - C(state=absent) removes only what this module owns. The config file is removed (kept as
+    C(PATH.prev) with I(backup)) only when its first line carries the netloom marker; a file
+    without the marker is left alone with a warning, and then the service is not touched either.
+    With I(manage_service) the service is stopped and disabled first and the drop-in removed.
+  - "TLS decision for the registry relay: the default C(tls.mode=passthrough) relays the TCP
+    stream untouched, so the registry terminates TLS itself with its certificate whose SAN
+    holds the relay address (10.99.0.1) and no key lives on the relay. C(tls.mode=terminate)
+    makes HAProxy terminate TLS at the bind with I(certificate) (one PEM with certificate and
+    key, SAN holding the bind address) and talk plain TCP to a plain-HTTP backend."
+version_added: "0.1.0"
+author: netloom
+requirements:
+  - python3-jinja2 on the managed node
+  - haproxy (C(haproxy -c) for I(validate))
+  - systemd as PID 1 for I(manage_service)
+options:
+  state:
+    description: C(present) installs the relays; C(absent) removes the netloom-owned config.
+    type: str
+    choices: [present, absent]
+    default: present
+  path:
+    description: The live config file. Its directory must exist.
+    type: str
+    default: /etc/haproxy/haproxy.cfg
+  relays:
+    description: The relays; required with C(state=present). Order is kept in the file.
+    type: list
+    elements: dict
+    suboptions:
+      name:
+        description: HAProxy proxy name (letters, digits, C(-_.:)), unique among the relays.
+        type: str
+        required: true
+      bind:
+        description:
+          - IPv4 C(address:port) to listen on, e.g. C(127.0.0.1:9000); C(0.0.0.0) listens on all
+            addresses and so collides with any other bind on the same port.
+        type: str
+        required: true
+      backend_host:
+        description: IPv4 address or DNS name (resolved at run time through I(resolvers)).
+        type: str
+        required: true
+      backend_port:
+        description: Backend TCP port.
+        type: int
+        required: true
+      mode:
+        description: Proxy mode; relays are layer 4.
+        type: str
+        choices: [tcp]
+        default: tcp
+      transparent:
+        description:
+          - Bind even when the address is not (yet) on the host, e.g. the registry relay on
+            10.99.0.1 before the WireGuard interface is up (HAProxy's C(transparent) bind option).
+        type: bool
+        default: false
+      tls:
+        description: TLS handling at the bind; without it the stream is passed through.
+        type: dict
+        suboptions:
+          mode:
+            description:
+              - C(passthrough) relays TLS (or anything) untouched to the backend.
+              - C(terminate) terminates TLS at the bind with I(certificate), backend plain TCP.
+            type: str
+            choices: [passthrough, terminate]
+            default: passthrough
+          certificate:
+            description:
+              - Absolute path of one PEM file holding the certificate (SAN = bind address)
+                and its key; required for C(terminate). HAProxy checks it exists and parses.
+            type: str
+      health_check:
+        description: TCP connect health check of the backend server.
+        type: dict
+        suboptions:
+          enabled:
+            description: Check the backend.
+            type: bool
+            default: true
+          inter:
+            description: Time between checks (HAProxy time, e.g. C(2s), C(500ms)).
+            type: str
+            default: 2s
+          fall:
+            description: Failed checks before the server is marked down.
+            type: int
+            default: 3
+          rise:
+            description: Passed checks before the server is marked up.
+            type: int
+            default: 2
+  resolvers:
+    description: DNS for backends given by name; rendered only when such a backend exists.
+    type: dict
+    suboptions:
+      name:
+        description: Name of the C(resolvers) section.
+        type: str
+        default: docker
+      nameservers:
+        description: IPv4 C(address[:port]) list (port 53 when left out).
+        type: list
+        elements: str
+        default: ["127.0.0.11:53"]
+      resolve_retries:
+        description: Queries sent before giving up on one resolution.
+        type: int
+        default: 3
+      timeout_resolve:
+        description: Time between two resolutions of a name.
+        type: str
+        default: 1s
+      timeout_retry:
+        description: Time before a query without answer is retried.
+        type: str
+        default: 1s
+      hold:
+        description:
+          - How long the last answer is kept per response status
+            (keys C(nx), C(other), C(refused), C(timeout), C(valid), C(obsolete)).
+        type: dict
+        default: {valid: 10s}
+  timeouts:
+    description: HAProxy C(timeout) values in C(defaults).
+    type: dict
+    suboptions:
+      connect:
+        description: Time to connect to a backend.
+        type: str
+        default: 5s
+      client:
+        description: Client-side inactivity timeout.
+        type: str
+        default: 30s
+      server:
+        description: Server-side inactivity timeout.
+        type: str
+        default: 30s
+  maxconn:
+    description: Global maximum of concurrent connections.
+    type: int
+    default: 4096
+  log_target:
+    description:
+      - C(stdout) or C(stderr) (the journal when run by systemd, with the syslog level kept),
+        an absolute syslog socket path such as C(/dev/log), or C(none).
+    type: str
+    default: stdout
+  validate:
+    description: Check the new config with C(haproxy -c) before it goes live (also in check mode).
+    type: bool
+    default: true
+  backup:
+    description: Keep the previous live file as C(PATH.prev) when it is replaced or removed.
+    type: bool
+    default: true
+  manage_service:
+    description: Manage the systemd unit (drop-in, enabled, running, reload on change).
+    type: bool
+    default: true
+  service:
+    description: The systemd unit name.
+    type: str
+    default: haproxy
+notes:
+  - Supports check mode and diff mode; both come from the same change plan as the real run.
+    In check mode the new config is still checked with C(haproxy -c), on a private temporary file.
+  - Addresses are IPv4 only.
+  - The drop-in sets C(CONFIG) with C(Environment=); a C(CONFIG) set in C(/etc/default/haproxy)
+    would override it (Debian ships that line commented out).
+"""
+
+EXAMPLES = r"""
+- name: ESB local proxy in the runtime node (Docker DNS resolves the backends)
+  haproxy_relay:
+    relays:
+      - {name: s3, bind: "127.0.0.1:9000", backend_host: s3-storage, backend_port: 9000}
+      - {name: database, bind: "127.0.0.1:8001", backend_host: database, backend_port: 8000}
+      - {name: victorialogs, bind: "127.0.0.1:9428", backend_host: victorialogs, backend_port: 9428}
+
+- name: ESB registry relay on the gateway, TLS passed through to the registry
+  haproxy_relay:
+    path: /etc/haproxy/haproxy.cfg
+    relays:
+      - name: registry
+        bind: "10.99.0.1:5010"
+        transparent: true
+        backend_host: esb-registry
+        backend_port: 5010
+
+- name: Registry relay terminating TLS (registry speaks plain HTTP behind it)
+  haproxy_relay:
+    relays:
+      - name: registry
+        bind: "10.99.0.1:5010"
+        backend_host: esb-registry
+        backend_port: 5000
+        tls: {mode: terminate, certificate: /etc/haproxy/certs/registry-10.99.0.1.pem}
+        health_check: {inter: 5s, fall: 2, rise: 1}
+    timeouts: {server: 5m}
+
+- name: Remove the relays netloom installed
+  haproxy_relay:
+    state: absent
+"""
+
+RETURN = r"""
+path:
+  description: The live config file.
+  returned: always
+  type: str
+  sample: /etc/haproxy/haproxy.cfg
+validated:
+  description: C(haproxy -c) accepted the new config in this run (false when nothing was written).
+  returned: always
+  type: bool
+  sample: true
+reloaded:
+  description: HAProxy was reloaded or restarted to pick up a changed config or drop-in.
+  returned: always
+  type: bool
+  sample: false
+backup_file:
+  description: Where the previous file was kept in this run (C(PATH.prev)), else null.
+  returned: always
+  type: str
+  sample: /etc/haproxy/haproxy.cfg.prev
+changes:
+  description: The planned (check mode) or executed steps.
+  returned: always
+  type: list
+  elements: str
+  sample: ["update /etc/haproxy/haproxy.cfg", "reload service haproxy"]
+diff:
+  description: Before/after text of each changed file and service state (diff mode).
+  returned: when diff mode is on
+  type: list
+  elements: dict
+"""
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.netloom import haproxy
+from ansible.module_utils.netloom.common import (
+    ChangePlan,
+    InputError,
+    finish,
+    guarded,
+    run_command,
+)
+
+DROPIN_NAME = "netloom-haproxy-relay.conf"
+_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@-]+$")
+
+
+class SystemdService:
+    """The only code that talks to systemd: a seam, so file handling runs (and is tested) without it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @staticmethod
+    def booted() -> bool:
+        return os.path.isdir("/run/systemd/system")
+
+    def is_active(self) -> bool:
+        state = run_command(["systemctl", "is-active", self.name], check=False).strip()
+        return state in ("active", "reloading")
+
+    def is_enabled(self) -> bool:
+        return run_command(["systemctl", "is-enabled", self.name], check=False).strip() == "enabled"
+
+    def action(self, verb: str) -> Callable[[], None]:
+        return lambda: run_command(["systemctl", verb, self.name])
+
+    @staticmethod
+    def daemon_reload() -> None:
+        run_command(["systemctl", "daemon-reload"])
+
+
+def read_text(field_name: str, path: str) -> bytes | None:
+    """The file's bytes, or None when absent; anything but a regular file is refused."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isfile(path):
+        raise InputError(field_name, path, "exists but is not a regular file")
+    with open(path, "rb") as stream:
+        return stream.read()
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Small unit files: temp name in the same directory, then rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = f"{path}.netloom-tmp"
+    with open(temp, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    os.chmod(temp, 0o644)
+    os.replace(temp, path)
+
+
+class HaproxyRelayManager:
+    """Validate input, read the live file and unit state once, plan, and let `finish` run the plan."""
+
+    def __init__(self, module: AnsibleModule) -> None:
+        self.module = module
+        self.params = module.params
+        self.path = ""
+        self.service: SystemdService | None = None
+        self.dropin_path = ""
+        self.backup_file: str | None = None
+        self.validated = False
+        self.reloaded = False
+
+    # ---- input ----
+
+    def validate_input(self) -> haproxy.RelayConfig | None:
+        self.path = haproxy.config_path("path", self.params["path"])
+        directory = os.path.dirname(self.path)
+        if self.params["state"] == "present" and not os.path.isdir(directory):
+            raise InputError("path", self.path,
+                             f"directory {directory} does not exist (is haproxy installed?)")
+        if self.params["manage_service"]:
+            unit = self.params["service"]
+            if unit.endswith(".service"):
+                unit = unit[: -len(".service")]
+            if not unit or not _UNIT_RE.match(unit):
+                raise InputError("service", self.params["service"], "not a systemd unit name")
+            if not SystemdService.booted():
+                raise InputError("manage_service", True,
+                                 "systemd is not PID 1 here (/run/systemd/system missing); "
+                                 "set manage_service=false and run HAProxy another way")
+            self.service = SystemdService(unit)
+            self.dropin_path = f"/etc/systemd/system/{unit}.service.d/{DROPIN_NAME}"
+        if self.params["state"] == "absent":
+            return None
+        config = haproxy.parse_config(self.params)
+        if haproxy.jinja2 is None:
+            self.module.fail_json(msg=missing_required_lib(
+                "jinja2", reason="to render haproxy.cfg (Debian: apt-get install python3-jinja2)"))
+        return config
+
+    # ---- planning ----
+
+    def run(self) -> None:
+        config = self.validate_input()
+        haproxy_bin = None
+        if config is not None and self.params["validate"]:
+            haproxy_bin = self.module.get_bin_path("haproxy", required=True)
+        live = read_text("path", self.path)
+        live_text = None if live is None else live.decode("utf-8", errors="replace")
+        dropin = read_text("service", self.dropin_path) if self.service else None
+        plan = ChangePlan()
+        if config is None:
+            self.plan_absent(plan, live_text, dropin)
+        else:
+            self.plan_present(plan, haproxy.render(config), live, live_text, dropin, haproxy_bin)
+        result: dict[str, Any] = {"path": self.path, "validated": self.validated,
+                                  "reloaded": self.reloaded, "backup_file": self.backup_file}
+        if self.module._diff:  # pylint: disable=protected-access
+            result["diff"] = [{"before_header": step.key, "after_header": step.key,
+                               "before": step.before or "", "after": step.after or ""}
+                              for step in plan.steps]
+        finish(self.module, plan, **result)
+
+    def plan_present(self, plan: ChangePlan, text: str, live: bytes | None, live_text: str | None,
+                     dropin: bytes | None, haproxy_bin: str | None) -> None:
+        config_changed = live != text.encode("utf-8")
+        if config_changed:
+            if haproxy_bin and self.module.check_mode:
+                self.warn_all(haproxy.check_text(haproxy_bin, text))
+            self.validated = haproxy_bin is not None
+            backup = self.params["backup"] and live is not None
+            self.backup_file = haproxy.backup_path(self.path) if backup else None
+
+            def install() -> None:
+                self.warn_all(haproxy.install(self.path, text, haproxy_bin, backup))
+
+            plan.add(self.path, "create" if live is None else "update", live_text, text, install)
+        if self.service is None:
+            return
+        dropin_text = haproxy.dropin_text(self.path)
+        dropin_changed = dropin != dropin_text.encode("utf-8")
+        if dropin_changed:
+            plan.add(self.dropin_path, "create" if dropin is None else "update",
+                     None if dropin is None else dropin.decode("utf-8", errors="replace"), dropin_text,
+                     lambda: self.install_dropin(dropin_text))
+        self.plan_service(plan, self.service, "present", dropin_changed, config_changed)
+
+    def plan_absent(self, plan: ChangePlan, live_text: str | None, dropin: bytes | None) -> None:
+        if live_text is not None and not haproxy.owned(live_text):
+            self.module.warn(f"{self.path} was not written by netloom (no marker line); "
+                             "left in place, service untouched")
+            return
+        if self.service is not None and (live_text is not None or dropin is not None):
+            self.plan_service(plan, self.service, "absent", False, False)
+        if dropin is not None:
+            plan.add(self.dropin_path, "delete", dropin.decode("utf-8", errors="replace"), None,
+                     self.remove_dropin)
+        if live_text is not None:
+            backup = self.params["backup"]
+            self.backup_file = haproxy.backup_path(self.path) if backup else None
+            plan.add(self.path, "delete", live_text, None, lambda: haproxy.remove(self.path, backup))
+
+    def plan_service(self, plan: ChangePlan, service: SystemdService, state: str, dropin_changed: bool,
+                     config_changed: bool) -> None:
+        active, enabled = service.is_active(), service.is_enabled()
+        state_names = {"start": ("stopped", "running"), "stop": ("running", "stopped"),
+                       "enable": ("disabled", "enabled"), "disable": ("enabled", "disabled"),
+                       "reload": ("running previous config", "running new config"),
+                       "restart": ("running under previous unit settings", "restarted")}
+        for verb in haproxy.service_actions(state, active, enabled, dropin_changed, config_changed):
+            before, after = state_names[verb]
+            plan.add(f"service {service.name}", verb, before, after, service.action(verb))
+            self.reloaded = self.reloaded or verb in ("reload", "restart")
+
+    # ---- step bodies (run only by `finish`, never in check mode) ----
+
+    def warn_all(self, warnings: list[str]) -> None:
+        for warning in warnings:
+            self.module.warn(f"haproxy -c: {warning}")
+
+    def install_dropin(self, text: str) -> None:
+        write_atomic(self.dropin_path, text)
+        SystemdService.daemon_reload()
+
+    def remove_dropin(self) -> None:
+        os.unlink(self.dropin_path)
+        directory = os.path.dirname(self.dropin_path)
+        if not os.listdir(directory):
+            os.rmdir(directory)
+        SystemdService.daemon_reload()
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+            path=dict(type="str", default=haproxy.DEFAULT_PATH),
+            relays=dict(type="list", elements="dict", options=dict(
+                name=dict(type="str", required=True),
+                bind=dict(type="str", required=True),
+                backend_host=dict(type="str", required=True),
+                backend_port=dict(type="int", required=True),
+                mode=dict(type="str", choices=["tcp"], default="tcp"),
+                transparent=dict(type="bool", default=False),
+                tls=dict(type="dict", options=dict(
+                    mode=dict(type="str", choices=list(haproxy.TLS_MODES), default="passthrough"),
+                    certificate=dict(type="str"),  # not "path": that would expand $VARS in it
+                )),
+                health_check=dict(type="dict", options=dict(
+                    enabled=dict(type="bool", default=haproxy.DEFAULT_HEALTH_CHECK["enabled"]),
+                    inter=dict(type="str", default=haproxy.DEFAULT_HEALTH_CHECK["inter"]),
+                    fall=dict(type="int", default=haproxy.DEFAULT_HEALTH_CHECK["fall"]),
+                    rise=dict(type="int", default=haproxy.DEFAULT_HEALTH_CHECK["rise"]),
+                )),
+            )),
+            resolvers=dict(type="dict", options=dict(
+                name=dict(type="str", default=haproxy.DEFAULT_RESOLVERS["name"]),
+                nameservers=dict(type="list", elements="str",
+                                 default=haproxy.DEFAULT_RESOLVERS["nameservers"]),
+                resolve_retries=dict(type="int", default=haproxy.DEFAULT_RESOLVERS["resolve_retries"]),
+                timeout_resolve=dict(type="str", default=haproxy.DEFAULT_RESOLVERS["timeout_resolve"]),
+                timeout_retry=dict(type="str", default=haproxy.DEFAULT_RESOLVERS["timeout_retry"]),
+                hold=dict(type="dict", default=haproxy.DEFAULT_RESOLVERS["hold"]),
+            )),
+            timeouts=dict(type="dict", options=dict(
+                connect=dict(type="str", default=haproxy.DEFAULT_TIMEOUTS["connect"]),
+                client=dict(type="str", default=haproxy.DEFAULT_TIMEOUTS["client"]),
+                server=dict(type="str", default=haproxy.DEFAULT_TIMEOUTS["server"]),
+            )),
+            maxconn=dict(type="int", default=haproxy.DEFAULT_MAXCONN),
+            log_target=dict(type="str", default=haproxy.DEFAULT_LOG_TARGET),
+            validate=dict(type="bool", default=True),
+            backup=dict(type="bool", default=True),
+            manage_service=dict(type="bool", default=True),
+            service=dict(type="str", default="haproxy"),
+        ),
+        required_if=[("state", "present", ["relays"])],
+        supports_check_mode=True,
+    )
+    guarded(module, HaproxyRelayManager(module).run)
+
+
+if __name__ == "__main__":
+    main()
