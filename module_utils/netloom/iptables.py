@@ -29,7 +29,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +70,10 @@ _CT_STATE_ORDER = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNA
 _COMMAND_TOKENS = {"-A", "--append", "-I", "--insert", "-D", "--delete", "-R", "--replace",
                    "-N", "--new-chain", "-X", "--delete-chain", "-F", "--flush",
                    "-P", "--policy", "-E", "--rename-chain", "-Z", "--zero", "-t", "--table"}
+# Options whose values iptables-save prints with xtables_save_string (quoted unless [A-Za-z0-9_-]+).
+_STRING_OPTIONS = {"--comment", "--log-prefix", "--nflog-prefix"}
+_SAVE_PLAIN_RE = re.compile(r"[A-Za-z0-9_-]+")
+_RESTORE_PLAIN_RE = re.compile(r"[^\s\"]+")
 
 Runner = Callable[..., str]
 
@@ -88,24 +91,58 @@ class OwnedChain:
 # ---- parsing and canonical form (pure) ----
 
 def split_rule(text: str) -> list[str]:
-    """Tokenise a rule the way iptables-restore does (double quotes group, backslash escapes)."""
+    """Tokenise a rule exactly as iptables-restore does.
+
+    Double quotes group, and inside them a backslash escapes any character; outside quotes
+    backslashes and single quotes are ordinary characters (unlike a shell).
+    """
     if "\n" in text or "\r" in text:
         raise ValueError("a rule must be a single line")
-    try:
-        return shlex.split(text, posix=True)
-    except ValueError as err:
-        raise ValueError(f"cannot tokenise rule ({err})") from None
+    tokens: list[str] = []
+    current: list[str] = []
+    quoted = escaped = started = False
+    for char in text:
+        if quoted:
+            if escaped:
+                current.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+            else:
+                current.append(char)
+        elif char == '"':
+            quoted = started = True
+        elif char in " \t":
+            if started:
+                tokens.append("".join(current))
+                current, started = [], False
+        else:
+            current.append(char)
+            started = True
+    if quoted:
+        raise ValueError("cannot tokenise rule (unterminated double quote)")
+    if started:
+        tokens.append("".join(current))
+    return tokens
 
 
 def render_rule(tokens: tuple[str, ...] | list[str]) -> str:
-    """Join tokens into iptables-restore syntax, double-quoting where iptables-save would."""
-    return " ".join(_quote(token) for token in tokens)
+    """Join tokens into iptables-restore syntax, quoting the way iptables-save prints them."""
+    rendered = []
+    for index, token in enumerate(tokens):
+        is_string = index > 0 and tokens[index - 1] in _STRING_OPTIONS
+        rendered.append(_quote(token, is_string))
+    return " ".join(rendered)
 
 
-def _quote(token: str) -> str:
-    if token and re.fullmatch(r"[A-Za-z0-9_.,:/+!=@%-]+", token):
+def _quote(token: str, is_string: bool) -> str:
+    """xtables_save_string's rule for string values; elsewhere quote only what would not survive."""
+    plain = _SAVE_PLAIN_RE if is_string else _RESTORE_PLAIN_RE
+    if plain.fullmatch(token):
         return token
-    return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + re.sub(r"([\\\"'])", r"\\\1", token) + '"'
 
 
 def _canonical_address(value: str) -> str:
@@ -354,6 +391,22 @@ def _restorer(table: str, lines: list[str], runner: Runner) -> Callable[[], None
     return lambda: restore(table, lines, runner)
 
 
+def _jump_position(hook_rules: list[str], name: str) -> int:
+    """Where our jump goes after all tagged copies are deleted: 1, or where the first exact copy was.
+
+    `-D CHAIN spec` always removes the first identical rule, so an extra copy cannot be deleted
+    on its own; instead every tagged copy is deleted and one jump re-inserted at the first exact
+    copy's position (counted without the tagged rules before it), which moves no other rule.
+    """
+    tagged_before = 0
+    for index, spec in enumerate(hook_rules):
+        if _is_tagged_for(spec, name):
+            if _safe_canonical(spec) == jump_rule(name):
+                return index + 1 - tagged_before
+            tagged_before += 1
+    return 1
+
+
 def _plan_table(table: str, entries: list[tuple[OwnedChain, tuple[tuple[str, ...], ...]]],
                 live: dict[str, list[str]], state: str) -> tuple[ChangePlan, list[str]]:
     """Steps for one table and the restore lines that realise all of them at once.
@@ -389,21 +442,17 @@ def _plan_table(table: str, entries: list[tuple[OwnedChain, tuple[tuple[str, ...
         wanted_hooks = chain.hooks if state == "present" else ()
         jump = render_rule(jump_rule(name))
         for hook in builtins:
-            tagged = [spec for spec in live.get(hook, []) if _is_tagged_for(spec, name)]
-            exact = [spec for spec in tagged if _safe_canonical(spec) == jump_rule(name)]
-            if hook in wanted_hooks:
-                # Keep the first exact jump where it is; remove every other tagged copy.
-                keep = exact[:1]
-                removals = list(tagged)
-                if keep:
-                    removals.remove(keep[0])
-                jumps.extend(f"-D {hook} {spec}" for spec in removals)
-                if not keep:
-                    jumps.append(f"-I {hook} 1 {jump}")
-                if removals or not keep:
-                    plan.add(f"iptables {table} {hook} -> {name}", "update" if tagged else "create",
-                             tagged or None, [jump])
-            elif tagged:
-                jumps.extend(f"-D {hook} {spec}" for spec in tagged)
-                plan.add(f"iptables {table} {hook} -> {name}", "delete", tagged, None)
+            hook_rules = live.get(hook, [])
+            tagged = [spec for spec in hook_rules if _is_tagged_for(spec, name)]
+            hook_key = f"iptables {table} {hook} -> {name}"
+            if hook not in wanted_hooks:
+                if tagged:
+                    jumps.extend(f"-D {hook} {spec}" for spec in tagged)
+                    plan.add(hook_key, "delete", tagged, None)
+                continue
+            if len(tagged) == 1 and _safe_canonical(tagged[0]) == jump_rule(name):
+                continue
+            jumps.extend(f"-D {hook} {spec}" for spec in tagged)
+            jumps.append(f"-I {hook} {_jump_position(hook_rules, name)} {jump}")
+            plan.add(hook_key, "update" if tagged else "create", tagged or None, [jump])
     return plan, declare + append + jumps + flush + delete
