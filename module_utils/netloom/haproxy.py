@@ -170,6 +170,11 @@ def _bind_conflict(first: tuple[str, int], second: tuple[str, int]) -> bool:
     return first[0] == second[0] or "0.0.0.0" in (first[0], second[0])
 
 
+def _given(value: Any, default: Any) -> Any:
+    """Ansible passes None for an option left out; only then does the default apply."""
+    return default if value is None else value
+
+
 def _merged(value: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
     merged = dict(defaults)
     merged.update({key: item for key, item in (value or {}).items() if item is not None})
@@ -194,11 +199,11 @@ def _parse_relay(field_name: str, value: Any) -> Relay:
     bind_address, bind_port = address_port(f"{field_name}.bind", value.get("bind"))
     backend_host, is_name = host(f"{field_name}.backend_host", value.get("backend_host"))
     backend_port = port(f"{field_name}.backend_port", value.get("backend_port"))
-    mode = value.get("mode") or "tcp"
+    mode = _given(value.get("mode"), "tcp")
     if mode != "tcp":
         raise InputError(f"{field_name}.mode", mode, "only tcp relays are supported")
     tls = value.get("tls") or {}
-    tls_mode = tls.get("mode") or "passthrough"
+    tls_mode = _given(tls.get("mode"), "passthrough")
     if tls_mode not in TLS_MODES:
         raise InputError(f"{field_name}.tls.mode", tls_mode, f"must be one of {', '.join(TLS_MODES)}")
     certificate = tls.get("certificate")
@@ -246,7 +251,7 @@ def _parse_resolvers(value: dict[str, Any] | None) -> Resolvers:
 
 def log_target(field_name: str, value: Any) -> str:
     """stdout/stderr (the journal under systemd), none, or an absolute syslog socket path."""
-    text = str(value or DEFAULT_LOG_TARGET)
+    text = str(_given(value, DEFAULT_LOG_TARGET))
     if text in ("stdout", "stderr", "none"):
         return text
     return file_path(field_name, text)
@@ -274,7 +279,7 @@ def parse_config(params: dict[str, Any]) -> RelayConfig:
         relays=relays,
         resolvers=_parse_resolvers(params.get("resolvers")),
         timeouts={key: duration(f"timeouts.{key}", timeouts[key]) for key in DEFAULT_TIMEOUTS},
-        maxconn=int_range("maxconn", params.get("maxconn") or DEFAULT_MAXCONN, 1, 1000000),
+        maxconn=int_range("maxconn", _given(params.get("maxconn"), DEFAULT_MAXCONN), 1, 1000000),
         log_target=log_target("log_target", params.get("log_target")),
     )
 
