@@ -194,6 +194,9 @@ def canonical_rule(text: str) -> tuple[str, ...]:
             index = start
             continue
         rest.append(tokens[index])
+        if tokens[index] in _STRING_OPTIONS and index + 1 < len(tokens):
+            rest.append(tokens[index + 1])  # a comment such as "-s" is text, not an option
+            index += 1
         index += 1
 
     for option in ("-s", "-d"):

@@ -80,6 +80,7 @@ def test_parse_save_rejects_garbage() -> None:
     ("-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
      "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
     ("-p udp -j REJECT", "-p udp -j REJECT --reject-with icmp-port-unreachable"),
+    ('-m comment --comment "-s" -s 10.0.0.1 -j RETURN', '-s 10.0.0.1/32 -m comment --comment -s -j RETURN'),
     ("-d 127.0.0.0/8 ! -i lo -m conntrack ! --ctstate DNAT -j DROP",
      "-d 127.0.0.0/8 ! -i lo -m conntrack ! --ctstate DNAT -j DROP"),
 ])
