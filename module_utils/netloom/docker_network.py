@@ -356,3 +356,14 @@ def kept_address(address: str | None, config: Mapping[str, Any]) -> str | None:
         return None
     reserved = {default_gateway(config), *(config.get("aux_addresses") or {}).values()}
     return None if address in reserved else address
+
+
+def reconnect_order(attachments: list[Attachment],
+                    config: Mapping[str, Any]) -> list[tuple[Attachment, str | None]]:
+    """Each attachment with the address it gets back, containers keeping an address first.
+
+    A container reconnected without an address takes whatever Docker hands out next; doing
+    those last keeps Docker from handing out an address another container is about to reclaim.
+    """
+    pairs = [(attachment, kept_address(attachment.ipv4_address, config)) for attachment in attachments]
+    return sorted(pairs, key=lambda pair: (pair[1] is None, pair[0].name))
