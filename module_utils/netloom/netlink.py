@@ -389,17 +389,19 @@ def plan_vxlan(plan: ChangePlan, nl: Netlink, snapshot: Snapshot, name: str, wan
 
 
 def plan_addresses(plan: ChangePlan, nl: Netlink, snapshot: Snapshot, name: str,
-                   desired: list[ipaddress.IPv4Interface], fresh: bool = False) -> None:
+                   desired: list[ipaddress.IPv4Interface],
+                   fresh: bool = False) -> list[ipaddress.IPv4Interface]:
     """Make a link's IPv4 addresses exactly `desired`: stale ones are removed, missing ones added.
 
     `fresh` means the link is (re)created by an earlier step and so starts with none.
+    Returns the stale addresses the plan removes (routes through them go with them).
     """
     live = snapshot.addresses_of(name)
     current = [] if fresh else live
     stale = [interface for interface in current if interface not in desired]
     missing = [interface for interface in desired if interface not in current]
     if not stale and not missing:
-        return
+        return []
 
     def apply() -> None:
         for interface in stale:
@@ -408,3 +410,4 @@ def plan_addresses(plan: ChangePlan, nl: Netlink, snapshot: Snapshot, name: str,
             nl.add_address(name, interface)
     plan.add(f"addresses {name}", "update" if live else "create",
              sorted(str(i) for i in live) or None, [str(i) for i in desired], apply)
+    return stale

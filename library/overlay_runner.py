@@ -1,0 +1,347 @@
+#!/usr/bin/python
+"""Ansible module overlay_runner: a KohakuRiver runner's side of the VXLAN overlay."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: overlay_runner
+short_description: KohakuRiver VXLAN overlay on a runner (bridge, vxlan0, route to the hub, NAT)
+description:
+  - Converges Runner N of a KohakuRiver hub-and-spoke VXLAN overlay. N comes from the hub play
+    (the C(runners) table returned by C(overlay_hub)); it is required here.
+  - "Bridge I(bridge_name) (C(kohaku-overlay)) with the gateway address of runner N's subnet
+    (C(offset+1/(PREFIX+NODE_BITS)), e.g. 10.1.0.1/16) and I(mtu), up; other IPv4 addresses on
+    it are removed. Docker later attaches its network to this bridge (bridge name option), so
+    the bridge is never deleted or recreated once it exists: MTU and addresses are fixed in place."
+  - "I(vxlan_name) (C(vxlan0)): VNI I(vni_base)+N, remote I(hub_underlay_ip), local I(underlay_ip),
+    UDP I(port), learning off, I(mtu), enslaved to the bridge, up. A vxlan0 whose VNI, remote,
+    local, port or learning differ is recreated (the bridge and its other ports stay)."
+  - Route to the overlay CIDR via the hub's address on this subnet (C(offset+254)) on the bridge,
+    set with route replace; a failure fails the module.
+  - C(net.ipv4.ip_forward=1); netloom-owned chains C(NETLOOM-OVLRUN-FWD) (FORWARD accepts from and
+    to the overlay) and C(NETLOOM-OVLRUN-NAT) (POSTROUTING MASQUERADE from the overlay to
+    anything outside it); the bridge and vxlan0 in firewalld's trusted zone (runtime and
+    permanent) when firewalld runs.
+  - Links this module does not own (Docker's veths on the bridge, anything else) are never touched.
+  - C(state=absent) removes vxlan0, the chains and their jumps and the firewalld entries, and the
+    bridge when nothing else is attached to it. A bridge that still has other ports (a Docker
+    network) is left in place, with a warning, and only the overlay route is removed from it.
+version_added: "0.1.0"
+author: netloom
+requirements:
+  - pyroute2 (0.7.2 as in Debian 12, or newer) on the managed node
+  - iptables (iptables-save, iptables-restore)
+options:
+  state:
+    description: C(present) converges the runner; C(absent) removes what this module owns.
+    type: str
+    choices: [present, absent]
+    default: present
+  plan:
+    description:
+      - The address plan, C(BASE/PREFIX/NODE_BITS/SUBNET_BITS) or a dict with C(base), C(prefix),
+        C(node_bits), C(subnet_bits); the same as the hub's. Required with C(state=present).
+    type: raw
+  runner_id:
+    description: This runner's id, 1..2**NODE_BITS-1, as resolved by the hub. Required with C(state=present).
+    type: int
+  hub_underlay_ip:
+    description: The hub's underlay IPv4 address (VXLAN remote). Required with C(state=present).
+    type: str
+  underlay_ip:
+    description: This runner's underlay IPv4 address (VXLAN local); must be configured on this node.
+    type: str
+  vni_base:
+    description: VNI of this runner is I(vni_base)+I(runner_id), within 1..16777215.
+    type: int
+    default: 100
+  port:
+    description: VXLAN UDP destination port.
+    type: int
+    default: 4789
+  mtu:
+    description:
+      - MTU of vxlan0 and the bridge. Default - the underlay device's MTU minus 50.
+        An explicit value must be 1280..underlay MTU - 50.
+    type: int
+  vxlan_name:
+    description: Name of the VXLAN link to the hub.
+    type: str
+    default: vxlan0
+  bridge_name:
+    description: Name of the overlay bridge (Docker's network attaches to it by this name).
+    type: str
+    default: kohaku-overlay
+  firewalld:
+    description:
+      - C(auto) puts the bridge and vxlan0 in firewalld's trusted zone when firewalld runs.
+      - C(never) leaves firewalld alone.
+    type: str
+    choices: [auto, never]
+    default: auto
+notes:
+  - Supports check mode and diff mode.
+"""
+
+EXAMPLES = r"""
+- name: Converge runner 1 of the seed plan
+  overlay_runner:
+    plan: 10.0.0.0/8/8/16
+    runner_id: 1
+    hub_underlay_ip: 192.0.2.1
+    underlay_ip: 192.0.2.11
+  register: overlay
+
+- name: Use the hub's resolved table
+  overlay_runner:
+    plan: "{{ netloom_overlay_plan }}"
+    runner_id: "{{ (hostvars[hub].overlay_hub_runners | selectattr('name', 'equalto', inventory_hostname)
+                    | first).id }}"
+    hub_underlay_ip: "{{ hostvars[hub].netloom_underlay_ip }}"
+    underlay_ip: "{{ netloom_underlay_ip }}"
+
+- name: Remove the runner's overlay (after the Docker network on the bridge is removed)
+  overlay_runner:
+    plan: 10.0.0.0/8/8/16
+    state: absent
+"""
+
+RETURN = r"""
+runner:
+  description: This runner's addressing.
+  returned: state=present
+  type: dict
+  sample: {id: 1, vni: 101, subnet: 10.1.0.0/16, gateway: 10.1.0.1, hub_address: 10.1.0.254,
+           workloads: {first: 10.1.0.2, last: 10.1.255.254, count: 65532}}
+overlay:
+  description: The overlay CIDR routed to the hub.
+  returned: state=present
+  type: str
+  sample: 10.0.0.0/8
+mtu:
+  description: MTU of vxlan0 and the bridge (for the Docker network on the bridge).
+  returned: state=present
+  type: int
+  sample: 1450
+bridge:
+  description: Name of the overlay bridge.
+  returned: always
+  type: str
+  sample: kohaku-overlay
+vxlan:
+  description: Name of the VXLAN link.
+  returned: always
+  type: str
+  sample: vxlan0
+changes:
+  description: One line per change made (or, in check mode, that would be made).
+  returned: always
+  type: list
+  elements: str
+  sample: ["create link kohaku-overlay", "create link vxlan0", "create route 10.0.0.0/8"]
+"""
+
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.netloom.common import (
+    ChangePlan,
+    CommandError,
+    InputError,
+    finish,
+    guarded,
+    ifname,
+    ipv4_address,
+    port,
+)
+from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
+from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
+from ansible.module_utils.netloom.netlink import (
+    Netlink,
+    Snapshot,
+    Vxlan,
+    describe_link,
+    missing_pyroute2,
+    overlay_mtu,
+    plan_addresses,
+    plan_vxlan,
+    underlay_link,
+)
+from ansible.module_utils.netloom.plan import AddressPlan
+from ansible.module_utils.netloom.sysctl import plan_sysctls
+
+FORWARD_CHAIN = "NETLOOM-OVLRUN-FWD"
+NAT_CHAIN = "NETLOOM-OVLRUN-NAT"
+
+
+def owned_chains(overlay: str | None) -> list[OwnedChain]:
+    """The runner's chains; without a plan (absent) their rules do not matter."""
+    forward: tuple[str, ...] = ()
+    nat: tuple[str, ...] = ()
+    if overlay is not None:
+        forward = (f"-s {overlay} -j ACCEPT", f"-d {overlay} -j ACCEPT")
+        nat = (f"-s {overlay} ! -d {overlay} -j MASQUERADE",)
+    return [OwnedChain("filter", FORWARD_CHAIN, ("FORWARD",), forward),
+            OwnedChain("nat", NAT_CHAIN, ("POSTROUTING",), nat)]
+
+
+class OverlayRunner:
+    """Validate, read links/addresses/routes/iptables once, plan every change, let `finish` run it."""
+
+    def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
+        self.module = module
+        self.params = module.params
+        self.nl = nl
+        self.plan = ChangePlan()
+
+    def validate(self) -> None:
+        """Everything that needs no live state, checked before anything is read."""
+        params = self.params
+        self.bridge = ifname("bridge_name", params["bridge_name"])
+        self.vxlan = ifname("vxlan_name", params["vxlan_name"])
+        if self.bridge == self.vxlan:
+            raise InputError("vxlan_name", self.vxlan, "must differ from bridge_name")
+        self.address_plan = AddressPlan.from_value(params["plan"]) if params["plan"] is not None else None
+        if params["state"] == "absent":
+            return
+        for required in ("plan", "runner_id", "hub_underlay_ip", "underlay_ip"):
+            if params[required] in (None, ""):
+                raise InputError(required, params[required], "is required with state=present")
+        assert self.address_plan is not None
+        self.runner_id = self.address_plan.check_runner_id("runner_id", params["runner_id"])
+        self.vni = self.address_plan.runner_vni(params["vni_base"], self.runner_id)
+        self.port = port("port", params["port"])
+        self.hub_ip = ipv4_address("hub_underlay_ip", params["hub_underlay_ip"])
+        self.underlay_ip = ipv4_address("underlay_ip", params["underlay_ip"])
+        if self.hub_ip == self.underlay_ip:
+            raise InputError("hub_underlay_ip", str(self.hub_ip), "is this runner's own underlay_ip")
+
+    def run(self) -> None:
+        self.validate()
+        snapshot = self.nl.dump(routes=True)
+        if self.params["state"] == "absent":
+            self.plan_absent(snapshot)
+            finish(self.module, self.plan, bridge=self.bridge, vxlan=self.vxlan)
+            return
+        result = self.plan_present(snapshot)
+        finish(self.module, self.plan, bridge=self.bridge, vxlan=self.vxlan, **result)
+
+    def plan_present(self, snapshot: Snapshot) -> dict[str, Any]:
+        assert self.address_plan is not None
+        addressing = self.address_plan.runner(self.runner_id)
+        overlay = self.address_plan.overlay
+        underlay = underlay_link(snapshot, "underlay_ip", self.underlay_ip)
+        mtu = overlay_mtu("mtu", self.params["mtu"], underlay)
+        bridge = snapshot.link(self.bridge)
+        if bridge is not None and bridge.kind != "bridge":
+            raise CommandError(f"bridge_name {self.bridge} exists as a {bridge.kind or 'physical'} link, "
+                               "not a bridge; netloom will not replace a link it does not own")
+
+        self.plan.extend(plan_sysctls({"net.ipv4.ip_forward": "1"}))
+        desired_bridge = {"kind": "bridge", "mtu": mtu, "up": True}
+        if bridge is None:
+            self.plan.add(f"link {self.bridge}", "create", None, desired_bridge,
+                          lambda: self.nl.add_bridge(self.bridge, mtu))
+        else:
+            fixes: dict[str, Any] = {}
+            if bridge.mtu != mtu:
+                fixes["mtu"] = mtu
+            if not bridge.up:
+                fixes["up"] = True
+            if fixes:
+                self.plan.add(f"link {self.bridge}", "update", describe_link(bridge, snapshot),
+                              desired_bridge, lambda: self.nl.set_link(self.bridge, **fixes))
+        want = Vxlan(vni=self.vni, local=self.underlay_ip, remote=self.hub_ip, port=self.port, learning=False)
+        plan_vxlan(self.plan, self.nl, snapshot, self.vxlan, want, mtu, master=self.bridge)
+        stale = plan_addresses(self.plan, self.nl, snapshot, self.bridge, [addressing.gateway_interface],
+                               fresh=bridge is None)
+        self.plan_route(snapshot, overlay, addressing.hub_address,
+                        rebuilt=any(addressing.hub_address in interface.network for interface in stale))
+        self.plan.extend(plan_chains(owned_chains(str(overlay))))
+        if self.params["firewalld"] == "auto":
+            self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan], "present"))
+        return {
+            "runner": {
+                "id": self.runner_id, "vni": self.vni, "subnet": str(addressing.subnet),
+                "gateway": str(addressing.gateway), "hub_address": str(addressing.hub_address),
+                "workloads": {"first": str(addressing.first_workload),
+                              "last": str(addressing.last_workload), "count": addressing.workload_count},
+            },
+            "overlay": str(overlay), "mtu": mtu,
+        }
+
+    def plan_route(self, snapshot: Snapshot, overlay: Any, hub_address: Any, rebuilt: bool) -> None:
+        """Overlay CIDR via the hub's address on the bridge, metric 0, by route replace.
+
+        `rebuilt`: an earlier step removes the address the route's gateway is reached through,
+        and the kernel drops the route with it, so the route is set again after it.
+        """
+        bridge = snapshot.link(self.bridge)
+        bridge_index = bridge.index if bridge else None
+        current = [route for route in snapshot.routes_to(overlay) if route.priority == 0]
+        matches = [route for route in current if route.gateway == hub_address and route.oif == bridge_index]
+        if matches and not rebuilt:
+            return
+        before = [f"{route.dst} via {route.gateway} oif {route.oif}" for route in current] or None
+        self.plan.add(f"route {overlay}", "update" if current else "create", before,
+                      f"{overlay} via {hub_address} dev {self.bridge}",
+                      lambda: self.nl.replace_route(overlay, hub_address, self.bridge))
+
+    def plan_absent(self, snapshot: Snapshot) -> None:
+        vxlan = snapshot.link(self.vxlan)
+        if vxlan is not None:
+            if vxlan.kind == "vxlan":
+                self.plan.add(f"link {self.vxlan}", "delete", describe_link(vxlan, snapshot), None,
+                              lambda: self.nl.delete_link(self.vxlan))
+            else:
+                self.module.warn(f"{self.vxlan} is a {vxlan.kind or 'physical'} link, not netloom's VXLAN "
+                                 "link: left alone")
+        bridge = snapshot.link(self.bridge)
+        if bridge is not None and bridge.kind == "bridge":
+            others = [port.name for port in snapshot.ports_of(self.bridge) if port.name != self.vxlan]
+            if not others:
+                self.plan.add(f"link {self.bridge}", "delete", describe_link(bridge, snapshot), None,
+                              lambda: self.nl.delete_link(self.bridge))
+            else:
+                self.module.warn(f"{self.bridge} still has ports ({', '.join(others)}), e.g. a Docker "
+                                 "network: the bridge is kept; remove that network first to remove it")
+                if self.address_plan is not None:
+                    overlay = self.address_plan.overlay
+                    for route in snapshot.routes_to(overlay):
+                        if route.oif == bridge.index:
+                            self.plan.add(f"route {overlay}", "delete", f"{overlay} via {route.gateway}",
+                                          None, lambda route=route: self.nl.delete_route(route))
+        elif bridge is not None:
+            self.module.warn(f"{self.bridge} is a {bridge.kind or 'physical'} link, not a bridge: left alone")
+        overlay_text = str(self.address_plan.overlay) if self.address_plan is not None else None
+        self.plan.extend(plan_chains(owned_chains(overlay_text), "absent"))
+        if self.params["firewalld"] == "auto":
+            self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan], "absent"))
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+            "plan": {"type": "raw"},
+            "runner_id": {"type": "int"},
+            "hub_underlay_ip": {"type": "str"},
+            "underlay_ip": {"type": "str"},
+            "vni_base": {"type": "int", "default": 100},
+            "port": {"type": "int", "default": 4789},
+            "mtu": {"type": "int"},
+            "vxlan_name": {"type": "str", "default": "vxlan0"},
+            "bridge_name": {"type": "str", "default": "kohaku-overlay"},
+            "firewalld": {"type": "str", "choices": ["auto", "never"], "default": "auto"},
+        },
+        supports_check_mode=True,
+    )
+    missing = missing_pyroute2()
+    if missing:
+        module.fail_json(msg=missing)
+    with Netlink() as nl:
+        guarded(module, OverlayRunner(module, nl).run)
+
+
+if __name__ == "__main__":
+    main()
