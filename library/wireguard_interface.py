@@ -1,0 +1,595 @@
+#!/usr/bin/python
+"""Ansible module wireguard_interface: one WireGuard interface, its peers and its saved config."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: wireguard_interface
+short_description: Converge a WireGuard interface, its peers and its wg-quick config
+description:
+  - Creates and converges one WireGuard interface from data, as the ESB gateway and compute
+    nodes use it (C(wg0) carrying 10.99.0.0/24 and the workers' 10.88.N.0/24 subnets).
+  - Uses kernel WireGuard when C(ip link add type wireguard) works and starts C(wireguard-go)
+    otherwise; an existing interface keeps its implementation.
+  - The private key is generated on the node with C(wg genkey) when none exists and kept in
+    I(config_dir)/NAME.key (mode 0600); only the public key is ever returned. A key already
+    on the live interface is adopted rather than replaced.
+  - Live state is read once (C(wg show NAME dump) and netlink) and compared normalised, and
+    only what differs is changed. Peers are added, changed and removed in place with
+    C(wg set); the interface is never recreated for a peer change, so other peers keep their
+    sessions.
+  - The running state is also saved to I(config_dir)/NAME.conf in wg-quick format (mode 0600,
+    written atomically). With systemd, C(wg-quick@NAME) is enabled so that config brings the
+    interface back at boot, with a drop-in selecting wireguard-go where the kernel lacks
+    WireGuard.
+  - I(state=absent) stops the unit, removes the interface (and its wireguard-go process), the
+    config and the key file.
+  - To choose the implementation for a new interface the module creates and at once deletes a
+    probe WireGuard link when the wireguard kernel module is not loaded, also in check mode.
+options:
+  name:
+    description: Interface name.
+    type: str
+    default: wg0
+  state:
+    description: Whether the interface exists.
+    type: str
+    choices: [present, absent]
+    default: present
+  addresses:
+    description:
+      - Addresses of the interface in CIDR form (IPv4 or IPv6), for example C(10.99.0.1/24).
+      - The list is exclusive; other addresses are removed (IPv6 link-local ones are left).
+    type: list
+    elements: str
+    default: []
+  listen_port:
+    description: UDP port to listen on (1-65535). Not managed when omitted.
+    type: int
+  mtu:
+    description: Interface MTU (68-65535). Not managed when omitted.
+    type: int
+  private_key:
+    description:
+      - Private key (base64 of 32 bytes). When omitted, the key in I(config_dir)/NAME.key is
+        used, else the live interface's key, else a new one is generated on the node.
+    type: str
+  peers:
+    description: The complete list of peers; peers not listed are removed.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      public_key:
+        description: Peer public key (base64 of 32 bytes); unique within the list.
+        type: str
+        required: true
+      allowed_ips:
+        description:
+          - CIDRs routed to this peer, IPv4 or IPv6, without host bits. A CIDR may belong to one
+            peer only.
+        type: list
+        elements: str
+        default: []
+      endpoint:
+        description:
+          - C(host:port) or C([IPv6]:port). A host name must resolve on the node. When omitted
+            the endpoint the peer roams from is left alone.
+        type: str
+      persistent_keepalive:
+        description: Keepalive interval in seconds; 0 turns it off.
+        type: int
+        default: 0
+      preshared_key:
+        description: Optional preshared key (base64 of 32 bytes).
+        type: str
+  config_dir:
+    description: Directory for NAME.conf and NAME.key (created with mode 0700).
+    type: path
+    default: /etc/wireguard
+  manage_service:
+    description:
+      - Whether to enable C(wg-quick@NAME) (and, for wireguard-go, its environment drop-in)
+        under systemd.
+      - Default is to do so when systemd runs on the node; C(true) fails on a node without it.
+    type: bool
+notes:
+  - Supports check mode and diff mode; both are computed from the same change plan as the
+    real run. The diff never contains key material.
+  - Needs C(wg) (wireguard-tools) on the node, and C(wireguard-go) where the kernel has no
+    WireGuard, and pyroute2.
+author:
+  - netloom
+"""
+
+EXAMPLES = r"""
+- name: Gateway side of the ESB tunnel
+  wireguard_interface:
+    name: wg0
+    addresses: [10.99.0.1/24]
+    listen_port: 51820
+    peers:
+      - public_key: "{{ hostvars['compute1'].wg_public_key }}"
+        allowed_ips: [10.99.0.2/32, 10.88.1.0/24]
+        endpoint: compute1.example.internal:51820
+        persistent_keepalive: 25
+  register: wg
+
+- name: Compute side, pointing back at the gateway
+  wireguard_interface:
+    name: wg0
+    addresses: [10.99.0.2/32]
+    peers:
+      - public_key: "{{ hostvars['gateway'].wg_public_key }}"
+        allowed_ips: [10.99.0.0/24]
+        endpoint: 192.0.2.1:51820
+        preshared_key: "{{ vault_wg_psk }}"
+
+- name: Remove the interface, its config, key and service
+  wireguard_interface:
+    name: wg0
+    state: absent
+"""
+
+RETURN = r"""
+name:
+  description: Interface name.
+  returned: always
+  type: str
+public_key:
+  description: Public key of the interface; null in check mode when a key would be generated.
+  returned: when state is present
+  type: str
+implementation:
+  description: C(kernel) or C(wireguard-go).
+  returned: when state is present, or when an interface was removed
+  type: str
+listen_port:
+  description: Declared listen port, or the live one when not declared (null before creation).
+  returned: when state is present
+  type: int
+peers:
+  description: The declared peers, normalised; the preshared key is only flagged as C((hidden)).
+  returned: when state is present
+  type: list
+  elements: dict
+config_path:
+  description: Path of the wg-quick config file.
+  returned: always
+  type: str
+key_path:
+  description: Path of the private key file.
+  returned: always
+  type: str
+service_managed:
+  description: Whether the wg-quick systemd unit was managed.
+  returned: always
+  type: bool
+changes:
+  description: The steps taken (or that would be taken in check mode), as C(action key).
+  returned: always
+  type: list
+  elements: str
+  sample: ["create wg0 interface", "create wg0 peer Lz4...=", "update wg0 addresses"]
+"""
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.netloom.common import (
+    ChangePlan,
+    CommandError,
+    InputError,
+    finish,
+    guarded,
+    ifname,
+    int_range,
+    port,
+)
+from ansible.module_utils.netloom.wireguard import (
+    DeviceState,
+    InterfaceSpec,
+    PeerSpec,
+    WgQuickUnit,
+    WgTool,
+    peer_differences,
+    peer_set_args,
+    peer_view,
+    read_private_file,
+    redact_config,
+    remove_file,
+    render_config,
+    resolve_endpoint,
+    sorted_networks,
+    start_userspace,
+    stop_userspace,
+    systemd_running,
+    userspace_pids,
+    wg_key,
+    write_private_file,
+)
+
+try:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    PYROUTE2_ERROR = None
+except ImportError as import_error:  # pragma: no cover - depends on the node
+    PYROUTE2_ERROR = import_error
+
+EOPNOTSUPP = 95
+IFF_UP = 0x1
+KIND_IMPLEMENTATION = {"wireguard": "kernel", "tun": "wireguard-go"}
+
+ARGUMENT_SPEC: dict[str, Any] = {
+    "name": {"type": "str", "default": "wg0"},
+    "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
+    "addresses": {"type": "list", "elements": "str", "default": []},
+    "listen_port": {"type": "int"},
+    "mtu": {"type": "int"},
+    "private_key": {"type": "str", "no_log": True},
+    "peers": {
+        "type": "list", "elements": "dict", "default": [],
+        "options": {
+            "public_key": {"type": "str", "required": True, "no_log": False},
+            "allowed_ips": {"type": "list", "elements": "str", "default": []},
+            "endpoint": {"type": "str"},
+            "persistent_keepalive": {"type": "int", "default": 0},
+            "preshared_key": {"type": "str", "no_log": True},
+        },
+    },
+    "config_dir": {"type": "path", "default": "/etc/wireguard"},
+    "manage_service": {"type": "bool"},
+}
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """The interface as netlink reports it."""
+
+    index: int
+    implementation: str
+    mtu: int
+    up: bool
+    addresses: tuple[str, ...]
+
+
+def interface_address(field_name: str, value: Any) -> str:
+    text = str(value).strip()
+    if "/" not in text:
+        raise InputError(field_name, value, "needs a prefix length, e.g. 10.99.0.1/24")
+    try:
+        return str(ipaddress.ip_interface(text))
+    except ValueError as err:
+        raise InputError(field_name, value, f"not an address/prefix ({err})") from None
+
+
+def allowed_network(field_name: str, value: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value).strip(), strict=True))
+    except ValueError as err:
+        raise InputError(field_name, value, f"not a CIDR without host bits ({err})") from None
+
+
+def validate_peers(raw_peers: list[dict[str, Any]]) -> tuple[PeerSpec, ...]:
+    """Every peer field checked; duplicates are refused because `wg` would silently merge them."""
+    peers: list[PeerSpec] = []
+    key_owner: dict[str, int] = {}
+    cidr_owner: dict[str, str] = {}
+    for index, raw in enumerate(raw_peers):
+        where = f"peers[{index}]"
+        public_key = wg_key(f"{where}.public_key", raw["public_key"])
+        if public_key in key_owner:
+            raise InputError(f"{where}.public_key", public_key,
+                             f"duplicate of peers[{key_owner[public_key]}].public_key")
+        key_owner[public_key] = index
+        cidrs = []
+        for position, item in enumerate(raw["allowed_ips"] or []):
+            field_name = f"{where}.allowed_ips[{position}]"
+            cidr = allowed_network(field_name, item)
+            if cidr in cidr_owner:
+                raise InputError(field_name, item, f"already allowed for {cidr_owner[cidr]}")
+            cidr_owner[cidr] = where
+            cidrs.append(cidr)
+        endpoint, forms = (None, frozenset())
+        if raw.get("endpoint"):
+            endpoint, forms = resolve_endpoint(f"{where}.endpoint", raw["endpoint"])
+        keepalive = int_range(f"{where}.persistent_keepalive", raw.get("persistent_keepalive") or 0, 0, 65535)
+        psk = raw.get("preshared_key")
+        preshared_key = wg_key(f"{where}.preshared_key", psk, secret=True) if psk else None
+        peers.append(PeerSpec(public_key, sorted_networks(cidrs), keepalive, endpoint, forms, preshared_key))
+    return tuple(peers)
+
+
+class WireguardInterface:
+    """Plans and applies one interface: key, link, wg settings, peers, addresses, config, unit."""
+
+    def __init__(self, module: AnsibleModule, ipr: IPRoute) -> None:
+        self.module = module
+        self.ipr = ipr
+        params = module.params
+        self.name = ifname("name", params["name"])
+        self.state = params["state"]
+        self.config_path = os.path.join(params["config_dir"], f"{self.name}.conf")
+        self.key_path = os.path.join(params["config_dir"], f"{self.name}.key")
+        self.manage_service = self._service_wanted(params["manage_service"])
+        self.spec = self._validate(params) if self.state == "present" else None
+        self.private_key = (wg_key("private_key", params["private_key"], secret=True)
+                            if params["private_key"] else None)
+        self.wg = WgTool()
+
+    def _service_wanted(self, requested: bool | None) -> bool:
+        if requested and not systemd_running():
+            raise InputError("manage_service", requested, "systemd is not running on this node")
+        return systemd_running() if requested is None else requested
+
+    def _validate(self, params: dict[str, Any]) -> InterfaceSpec:
+        addresses: list[str] = []
+        for position, item in enumerate(params["addresses"] or []):
+            address = interface_address(f"addresses[{position}]", item)
+            if address in addresses:
+                raise InputError(f"addresses[{position}]", item, "listed twice")
+            addresses.append(address)
+        listen_port = None if params["listen_port"] is None else port("listen_port", params["listen_port"])
+        mtu = None if params["mtu"] is None else int_range("mtu", params["mtu"], 68, 65535)
+        return InterfaceSpec(self.name, tuple(addresses), listen_port, mtu, validate_peers(params["peers"]))
+
+    # ---- live state ----
+
+    def _index(self) -> int | None:
+        found = self.ipr.link_lookup(ifname=self.name)
+        return found[0] if found else None
+
+    def _require_index(self) -> int:
+        index = self._index()
+        if index is None:
+            raise CommandError(f"interface {self.name} disappeared while being configured")
+        return index
+
+    def read_link(self) -> LinkState | None:
+        index = self._index()
+        if index is None:
+            return None
+        link = next(iter(self.ipr.get_links(index)))
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        if kind not in KIND_IMPLEMENTATION:
+            raise CommandError(f"{self.name} exists as a {kind or 'plain'} link, not a WireGuard interface")
+        addresses = []
+        for msg in self.ipr.get_addr(index=index):
+            address = ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+            if not address.ip.is_link_local:
+                addresses.append(str(address))
+        return LinkState(index, KIND_IMPLEMENTATION[kind], link.get_attr("IFLA_MTU"),
+                         bool(link["flags"] & IFF_UP), tuple(addresses))
+
+    def read_device(self, link: LinkState) -> DeviceState:
+        try:
+            return self.wg.dump(self.name)
+        except CommandError as err:
+            raise CommandError(f"{self.name} is a {link.implementation} link but `wg` cannot read it "
+                               f"(for wireguard-go: is its process running?): {err}") from None
+
+    def kernel_wireguard(self) -> bool:
+        """True when `ip link add type wireguard` works here: module loaded, or a probe link succeeds."""
+        if os.path.isdir("/sys/module/wireguard"):
+            return True
+        probe = f"nlwgprobe{os.getpid() % 100000}"
+        try:
+            self.ipr.link("add", ifname=probe, kind="wireguard")
+        except NetlinkError as err:
+            if err.code == EOPNOTSUPP:
+                return False
+            raise CommandError(f"probing kernel WireGuard failed: {err}") from None
+        self.ipr.link("del", index=self.ipr.link_lookup(ifname=probe)[0])
+        return True
+
+    # ---- key ----
+
+    def _file_key(self) -> str | None:
+        content, _mode = read_private_file(self.key_path)
+        if content is None:
+            return None
+        try:
+            return wg_key(self.key_path, content, secret=True)
+        except InputError:
+            if self.private_key:
+                return None
+            raise CommandError(f"{self.key_path} does not hold a WireGuard private key: "
+                               "fix or remove it, or pass private_key") from None
+
+    def choose_key(self, device: DeviceState | None) -> tuple[str, bool]:
+        """The key to use and whether it is new: input, key file, live interface, else generated."""
+        for key in (self.private_key, self._file_key(), device.private_key if device else None):
+            if key:
+                return key, False
+        return self.wg.genkey(), True
+
+    # ---- plan ----
+
+    def plan_present(self, plan: ChangePlan, link: LinkState | None, device: DeviceState | None,
+                     implementation: str, key: str, public_key: str) -> None:
+        spec = self.spec
+        assert spec is not None
+        self._plan_key_file(plan, key, public_key)
+        if link is None:
+            plan.add(f"{self.name} interface", "create", None, {"implementation": implementation},
+                     lambda: self._create(implementation))
+        live_public = device.public_key if device else None
+        if live_public != public_key:
+            plan.add(f"{self.name} private_key", "update" if live_public else "create",
+                     {"public_key": live_public} if live_public else None, {"public_key": public_key},
+                     lambda: self.wg.set(self.name, ["private-key", "/dev/stdin"], stdin=key + "\n"))
+        if spec.listen_port is not None and (device is None or device.listen_port != spec.listen_port):
+            plan.add(f"{self.name} listen_port", "update" if device else "create",
+                     device.listen_port if device else None,
+                     spec.listen_port,
+                     lambda: self.wg.set(self.name, ["listen-port", str(spec.listen_port)]))
+        self._plan_peers(plan, device.peers if device else {})
+        if spec.mtu is not None and (link is None or link.mtu != spec.mtu):
+            plan.add(f"{self.name} mtu", "update", link.mtu if link else None, spec.mtu,
+                     lambda: self.ipr.link("set", index=self._require_index(), mtu=spec.mtu))
+        self._plan_addresses(plan, link.addresses if link else ())
+        if link is None or not link.up:
+            plan.add(f"{self.name} link", "update", {"up": False}, {"up": True},
+                     lambda: self.ipr.link("set", index=self._require_index(), state="up"))
+        self._plan_config(plan, render_config(spec, key))
+
+    def _plan_key_file(self, plan: ChangePlan, key: str, public_key: str) -> None:
+        content, mode = read_private_file(self.key_path)
+        step_key = f"{self.name} private key file {self.key_path}"
+        if content is not None and content.strip() == key:
+            if mode != 0o600:
+                plan.add(step_key, "update", {"mode": oct(mode or 0)}, {"mode": "0o600"},
+                         lambda: os.chmod(self.key_path, 0o600))
+            return
+        before = None
+        if content is not None:
+            old_key = self._file_key()
+            before = {"public_key": self.wg.pubkey(old_key) if old_key else "(not a valid key)"}
+        plan.add(step_key, "update" if content is not None else "create", before,
+                 {"public_key": public_key}, lambda: write_private_file(self.key_path, key + "\n"))
+
+    def _plan_peers(self, plan: ChangePlan, live_peers: dict[str, Any]) -> None:
+        """Removals first (they may free allowed IPs the others take), then adds and updates."""
+        spec = self.spec
+        assert spec is not None
+        wanted = {peer.public_key for peer in spec.peers}
+        for public_key, live in live_peers.items():
+            if public_key not in wanted:
+                plan.add(f"{self.name} peer {public_key}", "delete", peer_view(live), None,
+                         lambda key=public_key: self.wg.set(self.name, ["peer", key, "remove"]))
+        for peer in spec.peers:
+            live = live_peers.get(peer.public_key)
+            fields = peer_differences(peer, live)
+            if not fields:
+                continue
+            args, stdin = peer_set_args(peer, fields)
+            plan.add(f"{self.name} peer {peer.public_key}", "update" if live else "create",
+                     peer_view(live) if live else None, peer_view(peer),
+                     lambda args=args, stdin=stdin: self.wg.set(self.name, args, stdin=stdin))
+
+    def _plan_addresses(self, plan: ChangePlan, live: tuple[str, ...]) -> None:
+        """Stale addresses go first: removing a primary address later would take new secondaries."""
+        spec = self.spec
+        assert spec is not None
+        if set(live) == set(spec.addresses):
+            return
+        stale = [address for address in live if address not in spec.addresses]
+        missing = [address for address in spec.addresses if address not in live]
+
+        def apply() -> None:
+            index = self._require_index()
+            for text in stale:
+                address = ipaddress.ip_interface(text)
+                self.ipr.addr("del", index=index, address=str(address.ip),
+                              prefixlen=address.network.prefixlen)
+            for text in missing:
+                address = ipaddress.ip_interface(text)
+                self.ipr.addr("add", index=index, address=str(address.ip),
+                              prefixlen=address.network.prefixlen)
+
+        plan.add(f"{self.name} addresses", "update", sorted(live), list(spec.addresses), apply)
+
+    def _plan_config(self, plan: ChangePlan, wanted: str | None) -> None:
+        """The saved config follows the declaration; the diff shows it with keys hidden."""
+        content, mode = read_private_file(self.config_path)
+        step_key = f"config {self.config_path}"
+        if wanted is None:
+            if content is not None:
+                plan.add(step_key, "delete", redact_config(content), None,
+                         lambda: remove_file(self.config_path))
+        elif content == wanted:
+            if mode != 0o600:
+                plan.add(step_key, "update", {"mode": oct(mode or 0)}, {"mode": "0o600"},
+                         lambda: os.chmod(self.config_path, 0o600))
+        else:
+            plan.add(step_key, "update" if content is not None else "create",
+                     None if content is None else redact_config(content), redact_config(wanted),
+                     lambda: write_private_file(self.config_path, wanted))
+
+    def _create(self, implementation: str) -> None:
+        if implementation == "kernel":
+            self.ipr.link("add", ifname=self.name, kind="wireguard")
+        else:
+            start_userspace(self.name)
+
+    def _delete_link(self) -> None:
+        index = self._index()
+        if index is not None:
+            self.ipr.link("del", index=index)
+
+    def _remove_interface(self, implementation: str) -> None:
+        if implementation == "kernel":
+            self._delete_link()
+        else:
+            stop_userspace(self.name, lambda: self._index() is not None, self._delete_link)
+
+    def plan_absent(self, plan: ChangePlan, link: LinkState | None) -> None:
+        if self.manage_service:
+            WgQuickUnit(self.name).plan(plan, None)
+        if link is not None:
+            plan.add(f"{self.name} interface", "delete", {"implementation": link.implementation}, None,
+                     lambda: self._remove_interface(link.implementation))
+        elif userspace_pids(self.name):
+            plan.add(f"{self.name} wireguard-go process", "delete", {"running": True}, None,
+                     lambda: stop_userspace(self.name, lambda: False, self._delete_link))
+        self._plan_config(plan, None)
+        content, _mode = read_private_file(self.key_path)
+        if content is not None:
+            plan.add(f"{self.name} private key file {self.key_path}", "delete", {"present": True}, None,
+                     lambda: remove_file(self.key_path))
+
+    # ---- entry ----
+
+    def run(self) -> None:
+        plan = ChangePlan()
+        link = self.read_link()
+        common = {"name": self.name, "config_path": self.config_path, "key_path": self.key_path,
+                  "service_managed": self.manage_service}
+        if self.state == "absent":
+            self.plan_absent(plan, link)
+            if link is not None:
+                common["implementation"] = link.implementation
+            finish(self.module, plan, **common)
+            return
+        spec = self.spec
+        assert spec is not None
+        device = self.read_device(link) if link else None
+        implementation = link.implementation if link else (
+            "kernel" if self.kernel_wireguard() else "wireguard-go")
+        key, generated = self.choose_key(device)
+        public_key = self.wg.pubkey(key)
+        for index, peer in enumerate(spec.peers):
+            if peer.public_key == public_key:
+                raise InputError(f"peers[{index}].public_key", peer.public_key,
+                                 "is this interface's own public key")
+        self.plan_present(plan, link, device, implementation, key, public_key)
+        if self.manage_service:
+            WgQuickUnit(self.name).plan(plan, implementation)
+        listen_port = spec.listen_port if spec.listen_port is not None else (
+            device.listen_port if device else None)
+        finish(self.module, plan, public_key=None if generated and self.module.check_mode else public_key,
+               implementation=implementation, listen_port=listen_port,
+               peers=[peer_view(peer) for peer in spec.peers], **common)
+
+
+def main() -> None:
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    if PYROUTE2_ERROR is not None:
+        module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(PYROUTE2_ERROR))
+
+    def body() -> None:
+        try:
+            with IPRoute() as ipr:
+                WireguardInterface(module, ipr).run()
+        except NetlinkError as err:
+            raise CommandError(f"netlink request failed: {err}") from None
+
+    guarded(module, body)
+
+
+if __name__ == "__main__":
+    main()

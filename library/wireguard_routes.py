@@ -1,0 +1,349 @@
+#!/usr/bin/python
+"""Ansible module wireguard_routes: kernel routes for a WireGuard interface's safe AllowedIPs."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: wireguard_routes
+short_description: Route the safe AllowedIPs of a WireGuard interface, and only those
+description:
+  - The ESB gateway's route correction as a converging module. It reads every AllowedIPs
+    CIDR from the live interface (C(wg show NAME allowed-ips), so comments or blank lines in
+    a config file cannot confuse it), filters each one, and installs C(replace) routes
+    C(dev NAME) for the accepted ones.
+  - "Refused: IPv6, 0.0.0.0/0, anything inside 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16,
+    224.0.0.0/4 or 240.0.0.0/4 (so 0.0.0.0/32 and 255.255.255.255/32), and everything else
+    that is not accepted. Accepted: RFC1918 subnets and host routes, and /32 host routes of
+    addresses listed in I(allow). Every verdict comes with a reason in the result."
+  - Installed routes carry routing protocol 250 (C(proto 250)). The module owns the main-table
+    routes with that protocol that leave through the interface or lie inside I(via_host_cidr),
+    removes those no longer wanted, and never touches any other route.
+  - I(via_host) sends the accepted CIDRs inside I(via_host_cidr) (the workers' 10.88.0.0/16)
+    through that host instead of the tunnel, like the seed's GATEWAY_WORKER_ROUTE_VIA_HOST.
+  - I(extra_routes) declares further routes through the interface that are not AllowedIPs of
+    any peer, such as the compute side's route to the control network (10.99.0.0/24); they
+    pass the same filter, and one it refuses fails the task.
+options:
+  interface:
+    description: The WireGuard interface.
+    type: str
+    default: wg0
+  state:
+    description: C(absent) removes every route this module owns for the interface.
+    type: str
+    choices: [present, absent]
+    default: present
+  allow:
+    description: Public IPv4 addresses whose /32 host routes are accepted.
+    type: list
+    elements: str
+    default: []
+  extra_routes:
+    description: Further IPv4 CIDRs to route through the interface.
+    type: list
+    elements: str
+    default: []
+  via_host:
+    description:
+      - Host name or IPv4 address. Accepted CIDRs inside I(via_host_cidr) are routed via it
+        (resolved on the node; the task fails when it does not resolve).
+    type: str
+  via_host_cidr:
+    description: The range that I(via_host) takes over.
+    type: str
+    default: 10.88.0.0/16
+notes:
+  - Supports check mode and diff mode from the same change plan as the real run.
+  - Needs C(wg) (wireguard-tools) and pyroute2 on the node.
+author:
+  - netloom
+"""
+
+EXAMPLES = r"""
+- name: Gateway - route what the peers announce, worker subnets via the runtime node
+  wireguard_routes:
+    interface: wg0
+    via_host: "{{ gateway_worker_route_via_host | default(omit) }}"
+  register: wg_routes
+
+- name: Show what was refused and why
+  ansible.builtin.debug:
+    var: wg_routes.refused
+
+- name: Compute side - reach the control network through the tunnel
+  wireguard_routes:
+    interface: wg0
+    extra_routes: [10.99.0.0/24]
+
+- name: Remove the routes this module installed
+  wireguard_routes:
+    interface: wg0
+    state: absent
+"""
+
+RETURN = r"""
+accepted:
+  description: Accepted CIDRs with the reason and where each is routed (C(dev) or C(via)).
+  returned: when state is present
+  type: list
+  elements: dict
+  sample: [{"cidr": "10.88.1.0/24", "reason": "RFC1918 subnet", "dev": "wg0"}]
+refused:
+  description: Refused AllowedIPs with the reason; nothing is routed for them.
+  returned: when state is present
+  type: list
+  elements: dict
+  sample: [{"cidr": "169.254.0.0/16", "reason": "inside 169.254.0.0/16 (link-local)"}]
+installed:
+  description: CIDRs whose route was (or in check mode would be) added or replaced.
+  returned: always
+  type: list
+  elements: str
+removed:
+  description: CIDRs whose route owned by this module was (or would be) removed.
+  returned: always
+  type: list
+  elements: str
+via:
+  description: The address I(via_host) resolved to, or null.
+  returned: always
+  type: str
+changes:
+  description: The steps taken (or that would be taken in check mode).
+  returned: always
+  type: list
+  elements: str
+"""
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.netloom.common import (
+    ChangePlan,
+    CommandError,
+    InputError,
+    finish,
+    guarded,
+    ifname,
+    ipv4_address,
+    ipv4_network,
+)
+from ansible.module_utils.netloom.wgroutes import NETLOOM_ROUTE_PROTO, Verdict, classify, forbidden_reason
+from ansible.module_utils.netloom.wireguard import WgTool
+
+try:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    PYROUTE2_ERROR = None
+except ImportError as import_error:  # pragma: no cover - depends on the node
+    PYROUTE2_ERROR = import_error
+
+MAIN_TABLE = 254
+SCOPE_LINK = 253
+IFF_UP = 0x1
+
+ARGUMENT_SPEC: dict[str, Any] = {
+    "interface": {"type": "str", "default": "wg0"},
+    "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
+    "allow": {"type": "list", "elements": "str", "default": []},
+    "extra_routes": {"type": "list", "elements": "str", "default": []},
+    "via_host": {"type": "str"},
+    "via_host_cidr": {"type": "str", "default": "10.88.0.0/16"},
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """A main-table IPv4 route reduced to what this module compares: where it goes, who set it."""
+
+    network: ipaddress.IPv4Network
+    oif: int | None
+    gateway: str | None
+    proto: int
+
+    def view(self, ifname_of: dict[int, str]) -> dict[str, Any]:
+        target = {"dev": ifname_of.get(self.oif or 0, self.oif)}
+        if self.gateway:
+            target["via"] = self.gateway
+        return {"cidr": str(self.network), **target, "proto": self.proto}
+
+
+def resolve_ipv4(field_name: str, host: str) -> str:
+    """An IPv4 literal as is, a name through the node's resolver (as getent hosts would)."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+    except socket.gaierror as err:
+        raise InputError(field_name, host, f"does not resolve to an IPv4 address on this node "
+                                           f"({err.strerror})") from None
+    return str(infos[0][4][0])
+
+
+class WireguardRoutes:
+    """Plans and applies the routes for one interface from its live AllowedIPs."""
+
+    def __init__(self, module: AnsibleModule, ipr: IPRoute) -> None:
+        self.module = module
+        self.ipr = ipr
+        params = module.params
+        self.name = ifname("interface", params["interface"])
+        self.state = params["state"]
+        self.allow = [self._allowed_host(f"allow[{i}]", item) for i, item in enumerate(params["allow"])]
+        self.extra = [self._extra_route(f"extra_routes[{i}]", item)
+                      for i, item in enumerate(params["extra_routes"])]
+        self.via_cidr = ipv4_network("via_host_cidr", params["via_host_cidr"])
+        self.via = resolve_ipv4("via_host", params["via_host"]) if params["via_host"] else None
+        self.wg = WgTool()
+
+    @staticmethod
+    def _allowed_host(field_name: str, value: Any) -> ipaddress.IPv4Address:
+        text = str(value).strip()
+        address = ipv4_address(field_name, text[:-3] if text.endswith("/32") else text)
+        reason = forbidden_reason(ipaddress.IPv4Network(address))
+        if reason:
+            raise InputError(field_name, value, f"can never be routed: {reason}")
+        return address
+
+    def _extra_route(self, field_name: str, value: Any) -> str:
+        verdict = classify(str(value), self.allow)
+        if not verdict.accepted:
+            raise InputError(field_name, value, f"refused: {verdict.reason}")
+        return str(verdict.network)
+
+    # ---- live state ----
+
+    def _index(self) -> int | None:
+        found = self.ipr.link_lookup(ifname=self.name)
+        return found[0] if found else None
+
+    def read_routes(self) -> dict[ipaddress.IPv4Network, Route]:
+        """Main-table IPv4 routes with metric 0, the slot `ip route replace CIDR dev IF` writes."""
+        routes: dict[ipaddress.IPv4Network, Route] = {}
+        for msg in self.ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+            table = msg.get_attr("RTA_TABLE") or msg["table"]
+            if table != MAIN_TABLE or (msg.get_attr("RTA_PRIORITY") or 0) != 0:
+                continue
+            network = ipaddress.IPv4Network(f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}")
+            routes[network] = Route(network, msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY"),
+                                    msg["proto"])
+        return routes
+
+    def owned(self, route: Route, index: int | None) -> bool:
+        """Ours: netloom's protocol, and through this interface or inside the via_host range."""
+        return route.proto == NETLOOM_ROUTE_PROTO and (
+            (index is not None and route.oif == index) or route.network.subnet_of(self.via_cidr))
+
+    # ---- plan ----
+
+    def desired(self, verdicts: list[Verdict], index: int) -> dict[ipaddress.IPv4Network, Route]:
+        wanted: dict[ipaddress.IPv4Network, Route] = {}
+        networks = [verdict.network for verdict in verdicts if verdict.network is not None]
+        networks += [ipaddress.IPv4Network(cidr) for cidr in self.extra]
+        for network in networks:
+            if self.via and network.subnet_of(self.via_cidr):
+                wanted[network] = Route(network, None, self.via, NETLOOM_ROUTE_PROTO)
+            else:
+                wanted[network] = Route(network, index, None, NETLOOM_ROUTE_PROTO)
+        return wanted
+
+    @staticmethod
+    def matches(wanted: Route, live: Route | None) -> bool:
+        if live is None or live.proto != wanted.proto:
+            return False
+        if wanted.gateway:
+            return live.gateway == wanted.gateway
+        return live.gateway is None and live.oif == wanted.oif
+
+    def _replace(self, route: Route) -> None:
+        args: dict[str, Any] = {"dst": str(route.network.network_address), "dst_len": route.network.prefixlen,
+                                "table": MAIN_TABLE, "proto": route.proto}
+        if route.gateway:
+            args["gateway"] = route.gateway
+        else:
+            args.update(oif=route.oif, scope=SCOPE_LINK)
+        try:
+            self.ipr.route("replace", **args)
+        except NetlinkError as err:
+            raise CommandError(f"ip route replace {route.network} failed: {err}") from None
+
+    def _delete(self, route: Route) -> None:
+        args: dict[str, Any] = {"dst": str(route.network.network_address), "dst_len": route.network.prefixlen,
+                                "table": MAIN_TABLE, "proto": route.proto}
+        if route.oif is not None:
+            args["oif"] = route.oif
+        try:
+            self.ipr.route("del", **args)
+        except NetlinkError as err:
+            raise CommandError(f"ip route del {route.network} failed: {err}") from None
+
+    def _target(self, route: Route) -> dict[str, str]:
+        return {"via": route.gateway} if route.gateway else {"dev": self.name}
+
+    def filter_allowed_ips(self, index: int) -> tuple[list[Verdict], dict[ipaddress.IPv4Network, Route]]:
+        """Verdicts for the live AllowedIPs and the routes wanted for them and for extra_routes."""
+        cidrs = list(dict.fromkeys(self.wg.allowed_ips(self.name)))
+        verdicts = [classify(cidr, self.allow) for cidr in cidrs]
+        return verdicts, self.desired(verdicts, index)
+
+    def run(self) -> None:
+        plan = ChangePlan()
+        index = self._index()
+        live = self.read_routes()
+        links = list(self.ipr.get_links())
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        result: dict[str, Any] = {"interface": self.name, "via": self.via}
+        wanted: dict[ipaddress.IPv4Network, Route] = {}
+        if self.state == "present":
+            if index is None:
+                raise CommandError(f"interface {self.name} does not exist (converge it first)")
+            if not any(link["index"] == index and link["flags"] & IFF_UP for link in links):
+                raise CommandError(f"interface {self.name} is down; routes through it cannot be installed")
+            verdicts, wanted = self.filter_allowed_ips(index)
+            accepted = [{**verdict.as_dict(), **self._target(wanted[verdict.network])}
+                        for verdict in verdicts if verdict.network is not None]
+            listed = {entry["cidr"] for entry in accepted}
+            accepted += [{"cidr": cidr, "reason": "declared in extra_routes",
+                          **self._target(wanted[ipaddress.IPv4Network(cidr)])}
+                         for cidr in self.extra if cidr not in listed]
+            result["accepted"] = accepted
+            result["refused"] = [verdict.as_dict() for verdict in verdicts if verdict.network is None]
+        installed, removed = [], []
+        for network, route in wanted.items():
+            current = live.get(network)
+            if self.matches(route, current):
+                continue
+            plan.add(f"route {network}", "update" if current else "create",
+                     current.view(names) if current else None, route.view(names),
+                     lambda route=route: self._replace(route))
+            installed.append(str(network))
+        for network, route in live.items():
+            if network not in wanted and self.owned(route, index):
+                plan.add(f"route {network}", "delete", route.view(names), None,
+                         lambda route=route: self._delete(route))
+                removed.append(str(network))
+        finish(self.module, plan, installed=installed, removed=removed, **result)
+
+
+def main() -> None:
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    if PYROUTE2_ERROR is not None:
+        module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(PYROUTE2_ERROR))
+
+    def body() -> None:
+        try:
+            with IPRoute() as ipr:
+                WireguardRoutes(module, ipr).run()
+        except NetlinkError as err:
+            raise CommandError(f"netlink request failed: {err}") from None
+
+    guarded(module, body)
+
+
+if __name__ == "__main__":
+    main()
