@@ -49,6 +49,41 @@ def render_persist_file(values: dict[str, str]) -> str:
     return PERSIST_HEADER + "".join(f"{key} = {values[key]}\n" for key in sorted(values))
 
 
+def read_persist_file(path: str) -> dict[str, str]:
+    """The values a persist file written by `plan_sysctls` holds ({} when there is none).
+
+    Lets a caller find what it set on an earlier run (for example route_localnet on an
+    interface it no longer lists) and undo exactly that.
+    """
+    values: dict[str, str] = {}
+    for line in (_read_file(path) or "").splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")) and "=" in line:
+            key, value = line.split("=", 1)
+            values[key.strip()] = " ".join(value.split())
+    return values
+
+
+def plan_persist_file_removal(path: str) -> ChangePlan:
+    """Delete a persist file (state=absent); nothing to do when it is already gone."""
+    plan = ChangePlan()
+    existing = _read_file(path)
+    if existing is not None:
+        plan.add(f"file {path}", "delete", existing, None, _file_remover(path))
+    return plan
+
+
+def _file_remover(path: str) -> Callable[[], None]:
+    def remove() -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise CommandError(f"cannot remove {path}: {err}") from None
+    return remove
+
+
 def plan_sysctls(values: dict[str, str], persist_file: str | None = None,
                  root: str = PROC_SYS) -> ChangePlan:
     """Plan one write per differing key, plus the persist file when its content differs.
