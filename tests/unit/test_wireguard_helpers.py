@@ -1,0 +1,158 @@
+"""Pure WireGuard helpers: key checks, `wg show` parsing, peer comparison, the saved config."""
+import base64
+import dataclasses
+
+import pytest
+from ansible.module_utils.netloom.common import InputError
+from ansible.module_utils.netloom.wireguard import (
+    InterfaceSpec,
+    PeerSpec,
+    parse_allowed_ips,
+    parse_dump,
+    peer_differences,
+    peer_set_args,
+    peer_view,
+    redact_config,
+    render_config,
+    resolve_endpoint,
+    sorted_networks,
+    wg_key,
+)
+
+KEY_A = base64.b64encode(bytes(range(32))).decode()
+KEY_B = base64.b64encode(bytes(range(1, 33))).decode()
+SECRET = base64.b64encode(bytes(range(100, 132))).decode()
+PSK = base64.b64encode(bytes(range(200, 232))).decode()
+
+DUMP = (
+    f"{SECRET}\t{KEY_A}\t51820\toff\n"
+    f"{KEY_B}\t{PSK}\t192.0.2.2:51820\t10.99.0.2/32,10.88.2.0/24\t1700000000\t100\t200\t25\n"
+    f"{KEY_A}\t(none)\t(none)\t(none)\t0\t0\t0\toff\n"
+)
+
+
+def test_key_is_base64_of_32_bytes() -> None:
+    assert wg_key("peers[0].public_key", f" {KEY_A}\n") == KEY_A
+    short = base64.b64encode(bytes(31)).decode()
+    for bad in (short, "not-a-key", KEY_A[:-2], ""):
+        with pytest.raises(InputError) as err:
+            wg_key("peers[0].public_key", bad)
+        assert err.value.field_name == "peers[0].public_key"
+
+
+def test_secret_key_value_never_appears_in_the_error() -> None:
+    bad_secret = base64.b64encode(bytes(31)).decode()
+    with pytest.raises(InputError) as err:
+        wg_key("peers[2].preshared_key", bad_secret, secret=True)
+    assert bad_secret not in str(err.value) and bad_secret != err.value.value
+    assert "peers[2].preshared_key" in str(err.value)
+
+
+def test_dump_is_parsed_with_none_and_off_normalised() -> None:
+    state = parse_dump(DUMP)
+    assert state.private_key == SECRET and state.public_key == KEY_A and state.listen_port == 51820
+    peer = state.peers[KEY_B]
+    assert peer.allowed_ips == ("10.88.2.0/24", "10.99.0.2/32")
+    assert peer.endpoint == "192.0.2.2:51820" and peer.persistent_keepalive == 25
+    assert peer.preshared_key == PSK and peer.latest_handshake == 1700000000
+    idle = state.peers[KEY_A]
+    assert idle.allowed_ips == () and idle.endpoint is None and idle.preshared_key is None
+    assert idle.persistent_keepalive == 0
+    assert SECRET not in repr(state) and PSK not in repr(state)
+
+
+def test_allowed_ips_output_lists_every_cidr_and_skips_none() -> None:
+    text = f"{KEY_B}\t10.99.0.2/32 10.88.2.0/24 ::/0\n{KEY_A}\t(none)\n\n"
+    assert parse_allowed_ips(text) == ["10.99.0.2/32", "10.88.2.0/24", "::/0"]
+
+
+DECLARED = PeerSpec(KEY_B, sorted_networks(["10.99.0.2/32", "10.88.2.0/24"]), 25, "192.0.2.2:51820",
+                    frozenset(["192.0.2.2:51820"]), PSK)
+
+
+def spec(**overrides: object) -> PeerSpec:
+    return dataclasses.replace(DECLARED, **overrides)
+
+
+def test_matching_peer_needs_no_change_whatever_the_allowed_ips_order() -> None:
+    live = parse_dump(DUMP).peers[KEY_B]
+    assert peer_differences(spec(), live) == []
+    assert peer_differences(spec(allowed_ips=sorted_networks(["10.88.2.0/24", "10.99.0.2/32"])), live) == []
+
+
+def test_unmanaged_endpoint_is_not_compared_but_a_declared_one_is() -> None:
+    live = parse_dump(DUMP).peers[KEY_B]
+    assert peer_differences(spec(endpoint=None, endpoint_forms=frozenset()), live) == []
+    moved = spec(endpoint="192.0.2.3:51820", endpoint_forms=frozenset(["192.0.2.3:51820"]))
+    assert peer_differences(moved, live) == ["endpoint"]
+    assert peer_set_args(moved, ["endpoint"]) == (["peer", KEY_B, "endpoint", "192.0.2.3:51820"], None)
+
+
+def test_keepalive_zero_equals_off_and_is_set_as_off() -> None:
+    idle = parse_dump(DUMP).peers[KEY_A]
+    plain = PeerSpec(KEY_A, (), 0)
+    assert peer_differences(plain, idle) == []
+    live = parse_dump(DUMP).peers[KEY_B]
+    no_keepalive = spec(persistent_keepalive=0)
+    assert peer_differences(no_keepalive, live) == ["persistent_keepalive"]
+    assert peer_set_args(no_keepalive, ["persistent_keepalive"])[0][-2:] == ["persistent-keepalive", "off"]
+
+
+def test_preshared_key_goes_through_stdin_and_is_removed_with_dev_null() -> None:
+    live = parse_dump(DUMP).peers[KEY_B]
+    rotated = spec(preshared_key=SECRET)
+    assert peer_differences(rotated, live) == ["preshared_key"]
+    args, stdin = peer_set_args(rotated, ["preshared_key"])
+    assert args == ["peer", KEY_B, "preshared-key", "/dev/stdin"] and stdin == SECRET + "\n"
+    dropped = spec(preshared_key=None)
+    assert peer_set_args(dropped, peer_differences(dropped, live)) == (
+        ["peer", KEY_B, "preshared-key", "/dev/null"], None)
+
+
+def test_new_peer_sets_only_what_is_declared() -> None:
+    assert peer_differences(PeerSpec(KEY_A, ("10.99.0.3/32",)), None) == ["allowed_ips"]
+    assert peer_differences(spec(), None) == ["allowed_ips", "endpoint", "persistent_keepalive",
+                                              "preshared_key"]
+    args, _stdin = peer_set_args(PeerSpec(KEY_A, ()), ["allowed_ips"])
+    assert args == ["peer", KEY_A, "allowed-ips", ""]
+
+
+def test_peer_view_flags_the_preshared_key_without_its_value() -> None:
+    view = peer_view(spec())
+    assert view["preshared_key"] == "(hidden)" and PSK not in str(view)
+    assert view["allowed_ips"] == ["10.88.2.0/24", "10.99.0.2/32"]
+
+
+def test_config_is_wg_quick_format_and_redaction_hides_every_key() -> None:
+    interface = InterfaceSpec("wg0", ("10.99.0.1/24",), 51820, 1420, (spec(), PeerSpec(KEY_A, ())))
+    text = render_config(interface, SECRET)
+    assert text.splitlines()[1:6] == ["[Interface]", f"PrivateKey = {SECRET}", "Address = 10.99.0.1/24",
+                                      "ListenPort = 51820", "MTU = 1420"]
+    assert f"PresharedKey = {PSK}" in text and "AllowedIPs = 10.88.2.0/24, 10.99.0.2/32" in text
+    assert "PersistentKeepalive = 25" in text and text.count("[Peer]") == 2
+    shown = redact_config(text)
+    assert SECRET not in shown and PSK not in shown
+    assert "PrivateKey = (hidden)" in shown and "PresharedKey = (hidden)" in shown
+    assert f"PublicKey = {KEY_B}" in shown
+
+
+@pytest.mark.parametrize(("endpoint", "canonical"), [
+    ("192.0.2.2:51820", "192.0.2.2:51820"),
+    ("[2001:db8::0001]:51820", "[2001:db8::1]:51820"),
+    ("localhost:51820", "localhost:51820"),
+])
+def test_endpoint_forms(endpoint: str, canonical: str) -> None:
+    declared, forms = resolve_endpoint("peers[0].endpoint", endpoint)
+    assert declared == canonical
+    if canonical.startswith("localhost"):
+        assert "127.0.0.1:51820" in forms
+    else:
+        assert forms == {canonical}
+
+
+@pytest.mark.parametrize("endpoint", ["192.0.2.2", "192.0.2.2:0", "192.0.2.2:70000", ":51820",
+                                      "2001:db8::1:51820", "[2001:db8::1]51820"])
+def test_bad_endpoints_name_the_field(endpoint: str) -> None:
+    with pytest.raises(InputError) as err:
+        resolve_endpoint("peers[1].endpoint", endpoint)
+    assert err.value.field_name == "peers[1].endpoint"
