@@ -320,14 +320,15 @@ class BridgeNetworkManager:
                          f"{MANAGED_LABEL}={MANAGED_VALUE}); set adopt: true to {consequence}")
 
     def _attachments(self, network_id: str) -> list[Attachment]:
-        """Every container on the network, stopped ones included (they hold it by id too)."""
+        """Every container on the network, stopped ones included: removing it would strand them too."""
+        # By id alone Docker misses containers that never ran: they only know the network's name.
         listed = self._api(f"listing containers on network {self.name}", self.client.containers,
-                           all=True, filters={"network": [network_id]})
+                           all=True, filters={"network": [self.name, network_id]})
         found = []
         for summary in listed:
             container = self._api(f"inspecting container {summary['Id'][:12]}",
                                   self.client.inspect_container, summary["Id"])
-            attachment = attachment_of(container, self.name)
+            attachment = attachment_of(container, self.name, network_id)
             if attachment is not None:
                 found.append(attachment)
         return sorted(found, key=lambda attachment: attachment.name)

@@ -307,15 +307,17 @@ class Attachment:
         return {"ipv4_address": address, "aliases": list(self.aliases)}
 
 
-def attachment_of(container: Mapping[str, Any], network: str) -> Attachment | None:
-    """Read a container's endpoint settings for `network` from `docker inspect`.
+def attachment_of(container: Mapping[str, Any], network: str, network_id: str) -> Attachment | None:
+    """Read a container's endpoint settings for network `network` (id `network_id`) from `docker inspect`.
 
     A running container has its live IPAddress; a stopped one only the address it asked
-    for (IPAMConfig). Docker adds the short container id as an alias on every user network
-    by itself, so it is not carried over as if the user had set it.
+    for (IPAMConfig), and no network id at all if it never ran. A stopped container still
+    holding the id of an earlier network of the same name is not on this one. Docker adds
+    the short container id as an alias on every user network by itself, so it is not
+    carried over as if the user had set it.
     """
     settings = ((container.get("NetworkSettings") or {}).get("Networks") or {}).get(network)
-    if settings is None:
+    if settings is None or settings.get("NetworkID") not in (None, "", network_id):
         return None
     requested = (settings.get("IPAMConfig") or {}).get("IPv4Address")
     address = _ipv4_or_none(requested or settings.get("IPAddress"))

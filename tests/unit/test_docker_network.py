@@ -227,19 +227,25 @@ def container(networks: dict[str, Any], cid: str = "5e0f84a9bf4e58d5bf26baa5614b
 
 
 def test_running_container_attachment_keeps_live_address_and_user_aliases() -> None:
-    found = attachment_of(container({"net": {"IPAMConfig": None, "IPAddress": "10.3.0.7",
-                                             "Aliases": ["web-alias", "5e0f84a9bf4e"]}}), "net")
+    found = attachment_of(container({"net": {"IPAMConfig": None, "IPAddress": "10.3.0.7", "NetworkID": "n1",
+                                             "Aliases": ["web-alias", "5e0f84a9bf4e"]}}), "net", "n1")
     assert found == Attachment("5e0f84a9bf4e58d5bf26baa5614ba25f", "web", "10.3.0.7", ["web-alias"])
     assert found.describe("10.3.0.7") == {"ipv4_address": "10.3.0.7", "aliases": ["web-alias"]}
 
 
 def test_stopped_container_attachment_keeps_requested_address() -> None:
-    static = attachment_of(container({"net": {"IPAMConfig": {"IPv4Address": "10.3.0.9"}, "IPAddress": "",
-                                              "Aliases": None}}), "net")
-    dynamic = attachment_of(container({"net": {"IPAMConfig": None, "IPAddress": "", "Aliases": None}}), "net")
-    assert (static.ipv4_address, static.aliases) == ("10.3.0.9", [])
-    assert dynamic.ipv4_address is None
-    assert attachment_of(container({"other": {}}), "net") is None
+    never_ran = attachment_of(container({"net": {"IPAMConfig": {"IPv4Address": "10.3.0.9"}, "IPAddress": "",
+                                                 "NetworkID": "", "Aliases": None}}), "net", "n1")
+    stopped = attachment_of(container({"net": {"IPAMConfig": None, "IPAddress": "", "NetworkID": "n1",
+                                               "Aliases": None}}), "net", "n1")
+    assert (never_ran.ipv4_address, never_ran.aliases) == ("10.3.0.9", [])
+    assert stopped.ipv4_address is None
+
+
+def test_containers_on_another_network_or_an_earlier_one_of_the_same_name_are_not_attached() -> None:
+    assert attachment_of(container({"other": {"NetworkID": "n1"}}), "net", "n1") is None
+    stale = container({"net": {"NetworkID": "n0-removed", "IPAddress": ""}})
+    assert attachment_of(stale, "net", "n1") is None
 
 
 def test_default_gateway_is_first_address_of_range_or_subnet() -> None:
