@@ -416,8 +416,12 @@ class DnatRules:
         found = []
         for key, value in read_persist_file(sysctl_file).items():
             match = _LOCALNET_KEY_RE.match(key)
-            if match and value == "1":
-                found.append(match.group(1).replace("/", "."))
+            if not match or value != "1":
+                continue
+            try:  # a hand-edited record must not turn into a path outside /proc/sys/net/ipv4/conf
+                found.append(ifname(sysctl_file, match.group(1).replace("/", ".")))
+            except InputError:
+                continue
         return found
 
     @staticmethod

@@ -132,6 +132,29 @@ def test_create_rerun_change_remove_and_absent(lab: Lab) -> None:
     assert lab.run(state="absent")["changed"] is False
 
 
+def test_drift_is_repaired_and_a_dropped_interface_is_reset(lab: Lab) -> None:
+    lab.run()
+    expected = lab.saved()
+    lab.node.sh("iptables -t nat -D NETLOOM-DNAT 2 && "
+                "iptables -t nat -A NETLOOM-DNAT -p tcp --dport 22 -j DNAT --to-destination 127.0.0.1:22 && "
+                "echo 0 > /proc/sys/net/ipv4/conf/esbn0/route_localnet")
+    lab.sysctl_file.unlink()
+    repaired = lab.run()
+    assert repaired["changes"] == ["update iptables nat NETLOOM-DNAT",
+                                   "update sysctl net.ipv4.conf.esbn0.route_localnet",
+                                   f"create file {lab.sysctl_file}"]
+    assert lab.saved() == expected and lab.localnet("esbn0") == "1"
+    assert lab.run()["changed"] is False
+
+    # The persist file records where route_localnet was set; an interface dropped from the list
+    # is set back to 0 and the other one takes its place.
+    moved = lab.run(localnet_interfaces=["othn0"])
+    assert moved["changes"] == ["update sysctl net.ipv4.conf.esbn0.route_localnet",
+                                "update sysctl net.ipv4.conf.othn0.route_localnet",
+                                f"update file {lab.sysctl_file}"]
+    assert (lab.localnet("esbn0"), lab.localnet("othn0")) == ("0", "1")
+
+
 def test_check_mode_and_diff_come_from_the_same_plan(lab: Lab) -> None:
     before = lab.saved()
     preview = lab.run(check_mode=True)
