@@ -23,6 +23,9 @@ iptables 1.8.9 (nf_tables backend, Debian 12) and proven by tests/module/test_ip
   its contents atomically;
 - `-X NAME` fails while NAME still has rules, so absent flushes (`-F`) before deleting;
 - built-in chains are not declared by us at all (declaring one would reset its policy).
+iptables-legacy-restore 1.8.9 was checked by hand to behave the same on the first three points.
+Hook jumps are removed with `-D CHAIN <spec as saved>`, which deletes the first identical rule;
+so duplicates are all deleted and one jump is re-inserted where the first correct one was.
 """
 from __future__ import annotations
 
