@@ -5,7 +5,8 @@ roles stay declarative.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 def netloom_overlay_runners(hostnames: list[str], hostvars: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 IFNAME_MAX = 15
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
@@ -39,7 +40,7 @@ class Step:
     action: str  # create | update | delete
     before: Any
     after: Any
-    run: Optional[Callable[[], None]] = None
+    run: Callable[[], None] | None = None
 
 
 @dataclass
@@ -49,10 +50,10 @@ class ChangePlan:
     steps: list[Step] = field(default_factory=list)
 
     def add(self, key: str, action: str, before: Any, after: Any,
-            run: Optional[Callable[[], None]] = None) -> None:
+            run: Callable[[], None] | None = None) -> None:
         self.steps.append(Step(key, action, before, after, run))
 
-    def extend(self, other: "ChangePlan") -> None:
+    def extend(self, other: ChangePlan) -> None:
         self.steps.extend(other.steps)
 
     @property
@@ -78,7 +79,7 @@ class ChangePlan:
         return {"before": before, "after": after}
 
 
-def run_command(argv: list[str], stdin: Optional[str] = None, check: bool = True) -> str:
+def run_command(argv: list[str], stdin: str | None = None, check: bool = True) -> str:
     """Run a command without a shell (no quoting bugs); raise CommandError with its stderr."""
     proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:

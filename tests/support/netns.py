@@ -8,17 +8,17 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "tests" / "support" / "run_module.py"
 
 
-def sh(cmd: str, netns: Optional[str] = None, check: bool = True) -> str:
+def sh(cmd: str, netns: str | None = None, check: bool = True) -> str:
     """Run a shell command, inside `netns` (via nsenter, which keeps /sys intact)."""
     argv = ["bash", "-c", cmd]
     if netns:
-        argv = ["nsenter", f"--net=/run/netns/{netns}"] + argv
+        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd!r} failed: {proc.stderr}{proc.stdout}")
@@ -31,7 +31,7 @@ class Netns:
     def __init__(self, prefix: str = "nltest") -> None:
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         self.sh("ip link set lo up")
         return self
@@ -43,7 +43,7 @@ class Netns:
         return sh(cmd, self.name, check)
 
 
-def run_module(name: str, args: dict[str, Any], netns: Optional[str] = None,
+def run_module(name: str, args: dict[str, Any], netns: str | None = None,
                check_mode: bool = False, diff: bool = True) -> dict[str, Any]:
     """Execute library/NAME.py as one process (inside `netns`) and return its JSON result.
 
@@ -59,7 +59,7 @@ def run_module(name: str, args: dict[str, Any], netns: Optional[str] = None,
     python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
     argv = [python, str(RUNNER), str(ROOT / "library" / f"{name}.py"), args_file]
     if netns:
-        argv = ["nsenter", f"--net=/run/netns/{netns}"] + argv
+        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     finally:

@@ -54,8 +54,8 @@ class Workload:
         host.check_output(
             f"docker run -d --name {self.name} --network {network} {IMAGE} "
             "sh -c 'echo netloom-ok > /tmp/index.html; httpd -f -p 8080 -h /tmp'")
-        self.ip = host.check_output(
-            f"docker inspect -f '{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}' {self.name}")
+        template = f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}'
+        self.ip = host.check_output(f"docker inspect -f '{template}' {self.name}")
 
     def run(self, command: str):
         return self.host.run(f"docker exec {self.name} {command}")
@@ -148,8 +148,8 @@ def test_default_network_is_isolated_per_runner(runner1):
 def test_check_mode_after_converge_reports_no_change():
     env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
     playbook = pathlib.Path(sys.executable).parent / "ansible-playbook"
-    proc = subprocess.run([str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")],
-                          capture_output=True, text=True, env=env, check=False, timeout=600)
+    argv = [str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     stats = json.loads(proc.stdout)["stats"]
     assert stats, "check run touched no host"
