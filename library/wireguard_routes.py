@@ -132,7 +132,7 @@ from ansible.module_utils.netloom.common import (
     ipv4_network,
 )
 from ansible.module_utils.netloom.wgroutes import NETLOOM_ROUTE_PROTO, Verdict, classify, forbidden_reason
-from ansible.module_utils.netloom.wireguard import WgTool
+from ansible.module_utils.netloom.wireguard import WgTool, network_sort_key
 
 try:
     from pyroute2 import IPRoute
@@ -143,6 +143,7 @@ except ImportError as import_error:  # pragma: no cover - depends on the node
 
 MAIN_TABLE = 254
 SCOPE_LINK = 253
+SCOPE_NOWHERE = 255
 IFF_UP = 0x1
 
 ARGUMENT_SPEC: dict[str, Any] = {
@@ -250,7 +251,7 @@ class WireguardRoutes:
                 wanted[network] = Route(network, None, self.via, NETLOOM_ROUTE_PROTO)
             else:
                 wanted[network] = Route(network, index, None, NETLOOM_ROUTE_PROTO)
-        return wanted
+        return dict(sorted(wanted.items()))
 
     @staticmethod
     def matches(wanted: Route, live: Route | None) -> bool:
@@ -273,8 +274,9 @@ class WireguardRoutes:
             raise CommandError(f"ip route replace {route.network} failed: {err}") from None
 
     def _delete(self, route: Route) -> None:
+        """Matches on table, protocol and device; scope NOWHERE means any scope (as `ip route del`)."""
         args: dict[str, Any] = {"dst": str(route.network.network_address), "dst_len": route.network.prefixlen,
-                                "table": MAIN_TABLE, "proto": route.proto}
+                                "table": MAIN_TABLE, "proto": route.proto, "scope": SCOPE_NOWHERE}
         if route.oif is not None:
             args["oif"] = route.oif
         try:
@@ -287,7 +289,7 @@ class WireguardRoutes:
 
     def filter_allowed_ips(self, index: int) -> tuple[list[Verdict], dict[ipaddress.IPv4Network, Route]]:
         """Verdicts for the live AllowedIPs and the routes wanted for them and for extra_routes."""
-        cidrs = list(dict.fromkeys(self.wg.allowed_ips(self.name)))
+        cidrs = sorted(set(self.wg.allowed_ips(self.name)), key=network_sort_key)
         verdicts = [classify(cidr, self.allow) for cidr in cidrs]
         return verdicts, self.desired(verdicts, index)
 
