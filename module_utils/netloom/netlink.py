@@ -125,28 +125,50 @@ def _address(value: Any) -> ipaddress.IPv4Address | None:
         return None
 
 
+def _attrs(msg: Any, wanted: frozenset[str]) -> dict[str, Any]:
+    """The wanted attributes of a netlink message, in one pass.
+
+    pyroute2's get_attr() scans and decodes the whole attribute list on every call, which
+    for 254 links costs more than the dump itself; one pass over msg["attrs"] does not.
+    """
+    found: dict[str, Any] = {}
+    for nla in msg["attrs"]:
+        if nla[0] in wanted:
+            found[nla[0]] = nla[1]
+    return found
+
+
+_LINK_ATTRS = frozenset(("IFLA_IFNAME", "IFLA_MTU", "IFLA_MASTER", "IFLA_LINKINFO"))
+_INFO_ATTRS = frozenset(("IFLA_INFO_KIND", "IFLA_INFO_DATA"))
+_VXLAN_ATTRS = frozenset(("IFLA_VXLAN_ID", "IFLA_VXLAN_LOCAL", "IFLA_VXLAN_GROUP", "IFLA_VXLAN_PORT",
+                          "IFLA_VXLAN_LEARNING"))
+_ADDR_ATTRS = frozenset(("IFA_LOCAL", "IFA_ADDRESS"))
+_ROUTE_ATTRS = frozenset(("RTA_TABLE", "RTA_DST", "RTA_GATEWAY", "RTA_OIF", "RTA_PRIORITY"))
+
+
 def _vxlan_of(data: Any) -> Vxlan:
+    attrs = _attrs(data, _VXLAN_ATTRS)
     return Vxlan(
-        vni=int(data.get_attr("IFLA_VXLAN_ID") or 0),
-        local=_address(data.get_attr("IFLA_VXLAN_LOCAL")),
-        remote=_address(data.get_attr("IFLA_VXLAN_GROUP")),
-        port=int(data.get_attr("IFLA_VXLAN_PORT") or 0),
-        learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+        vni=int(attrs.get("IFLA_VXLAN_ID") or 0),
+        local=_address(attrs.get("IFLA_VXLAN_LOCAL")),
+        remote=_address(attrs.get("IFLA_VXLAN_GROUP")),
+        port=int(attrs.get("IFLA_VXLAN_PORT") or 0),
+        learning=bool(attrs.get("IFLA_VXLAN_LEARNING")),
     )
 
 
 def _link_of(msg: Any) -> Link:
-    info = msg.get_attr("IFLA_LINKINFO")
+    attrs = _attrs(msg, _LINK_ATTRS)
     kind = ""
     vxlan = None
-    if info is not None:
-        kind = info.get_attr("IFLA_INFO_KIND") or ""
-        data = info.get_attr("IFLA_INFO_DATA")
-        if kind == "vxlan" and data is not None:
-            vxlan = _vxlan_of(data)
-    return Link(index=int(msg["index"]), name=msg.get_attr("IFLA_IFNAME"), kind=kind,
-                mtu=int(msg.get_attr("IFLA_MTU") or 0), up=bool(msg["flags"] & IFF_UP),
-                master=msg.get_attr("IFLA_MASTER") or None, vxlan=vxlan)
+    if attrs.get("IFLA_LINKINFO") is not None:
+        info = _attrs(attrs["IFLA_LINKINFO"], _INFO_ATTRS)
+        kind = info.get("IFLA_INFO_KIND") or ""
+        if kind == "vxlan" and info.get("IFLA_INFO_DATA") is not None:
+            vxlan = _vxlan_of(info["IFLA_INFO_DATA"])
+    return Link(index=int(msg["index"]), name=attrs["IFLA_IFNAME"], kind=kind,
+                mtu=int(attrs.get("IFLA_MTU") or 0), up=bool(msg["flags"] & IFF_UP),
+                master=attrs.get("IFLA_MASTER") or None, vxlan=vxlan)
 
 
 def dummy_supported() -> bool:
@@ -206,7 +228,8 @@ class Netlink:
             snapshot.links[link.name] = link
         self._index = {name: link.index for name, link in snapshot.links.items()}
         for msg in self._call("dump addresses", "get_addr", family=AF_INET):
-            local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            attrs = _attrs(msg, _ADDR_ATTRS)
+            local = attrs.get("IFA_LOCAL") or attrs.get("IFA_ADDRESS")
             interface = ipaddress.IPv4Interface(f"{local}/{msg['prefixlen']}")
             snapshot.addresses.setdefault(int(msg["index"]), []).append(interface)
         if routes:
@@ -215,13 +238,14 @@ class Netlink:
 
     def _routes(self) -> Iterable[Route]:
         for msg in self._call("dump routes", "get_routes", family=AF_INET):
-            table = msg.get_attr("RTA_TABLE") or msg["table"]
+            attrs = _attrs(msg, _ROUTE_ATTRS)
+            table = attrs.get("RTA_TABLE") or msg["table"]
             if table != MAIN_TABLE or msg["type"] != RTN_UNICAST:
                 continue
-            dst = msg.get_attr("RTA_DST") or "0.0.0.0"
+            dst = attrs.get("RTA_DST") or "0.0.0.0"
             yield Route(dst=ipaddress.IPv4Network(f"{dst}/{msg['dst_len']}", strict=False),
-                        gateway=_address(msg.get_attr("RTA_GATEWAY")),
-                        oif=msg.get_attr("RTA_OIF"), priority=int(msg.get_attr("RTA_PRIORITY") or 0))
+                        gateway=_address(attrs.get("RTA_GATEWAY")),
+                        oif=attrs.get("RTA_OIF"), priority=int(attrs.get("RTA_PRIORITY") or 0))
 
     def index_of(self, name: str) -> int:
         """Index of a link, from the last dump; a link created since is found by one new dump.
@@ -230,7 +254,7 @@ class Netlink:
         which keeps this to one extra dump however many links were created.
         """
         if name not in self._index:
-            self._index = {msg.get_attr("IFLA_IFNAME"): int(msg["index"])
+            self._index = {_attrs(msg, _LINK_ATTRS)["IFLA_IFNAME"]: int(msg["index"])
                            for msg in self._call("dump links", "get_links")}
         if name not in self._index:
             raise CommandError(f"netlink: link {name} does not exist")
