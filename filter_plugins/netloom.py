@@ -37,6 +37,111 @@ def netloom_runner_of(runners: list[Mapping[str, Any]], name: str) -> Mapping[st
                      "is it in the runner group and was the hub play run?")
 
 
+def netloom_edge_cni_subnet(value: str | None, base: str, index: Any = None) -> str:
+    """A compute node's CNI_SUBNET: the declared one, else the /24 number `index` of the base.
+
+    Checked here, before any task runs, so a bad inventory fails naming the variable:
+    workers of the node take addresses only from it, inside the shared worker base.
+    """
+    base_net = ipaddress.IPv4Network(str(base))
+    if value in (None, ""):
+        if index is None or str(index).strip() == "":
+            raise ValueError("netloom_edge_cni_subnet: not set and no netloom_edge_node_index to derive it from")
+        number = int(index)
+        blocks = 2 ** (24 - base_net.prefixlen) if base_net.prefixlen <= 24 else 0
+        if not 0 <= number < blocks:
+            raise ValueError(f"netloom_edge_node_index: {index!r}: needs 0..{blocks - 1} /24s of {base_net}")
+        return str(ipaddress.IPv4Network((int(base_net.network_address) + (number << 8), 24)))
+    try:
+        subnet = ipaddress.IPv4Network(str(value).strip())
+    except ValueError:
+        raise ValueError(f"netloom_edge_cni_subnet: {value!r}: not an IPv4 network without host bits") from None
+    if subnet.prefixlen > 30:
+        raise ValueError(f"netloom_edge_cni_subnet: {value!r}: /31 and /32 leave no worker address (/30 or shorter)")
+    if not subnet.subnet_of(base_net):
+        raise ValueError(f"netloom_edge_cni_subnet: {value!r}: outside the worker base {base_net}")
+    return str(subnet)
+
+
+def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: str, name: str) -> dict[str, Any]:
+    """The CNI conflist for containerd users: bridge plugin on the shared base, host-local range = CNI_SUBNET.
+
+    The range keeps the base's mask and gateway (10.88.0.1 on every node), so a worker sees
+    the same network as a Docker worker on the same bridge, yet only gets addresses of its node.
+    """
+    subnet = ipaddress.IPv4Network(cni_subnet)
+    base_net = ipaddress.IPv4Network(base)
+    gateway_ip = ipaddress.IPv4Address(gateway)
+    if gateway_ip not in base_net:
+        raise ValueError(f"netloom_edge_gateway_ip: {gateway!r}: outside the worker base {base_net}")
+    # The block's first and last addresses are left out, as Docker's ip_range does.
+    first, last = subnet.network_address + 1, subnet.broadcast_address - 1
+    return {
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": True,
+                "ipMasq": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": str(base_net), "rangeStart": str(first), "rangeEnd": str(last),
+                                 "gateway": str(gateway_ip)}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+
+
+def netloom_edge_wg_address(network: str, index: Any) -> str:
+    """WireGuard address of node `index` (0 is the control node): host number index+1 of the network."""
+    net = ipaddress.IPv4Network(str(network))
+    number = int(index)
+    if not 0 <= number < net.num_addresses - 3:
+        raise ValueError(f"netloom_edge_node_index: {index!r}: no host address left in {net}")
+    return f"{net.network_address + number + 1}/{net.prefixlen}"
+
+
+def netloom_edge_peers(hostnames: list[str], hostvars: Mapping[str, Any], fact: str) -> list[dict[str, Any]]:
+    """The peer entries other nodes published about themselves (public key, endpoint, AllowedIPs).
+
+    Only public data travels between hosts; a node that did not publish its entry (its key
+    play did not run) is named instead of silently left out.
+    """
+    peers = []
+    for name in hostnames:
+        entry = hostvars[name].get(fact)
+        if not entry or not entry.get("public_key"):
+            raise ValueError(f"{name}: {fact} is not set; run the edge key play for it first")
+        peers.append(dict(entry))
+    return peers
+
+
+def netloom_edge_relays(relays: list[Mapping[str, Any]], hosts: Mapping[str, Any] | None,
+                       health_check: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """haproxy_relay entries with each backend name the managed hosts block maps replaced by its address.
+
+    HAProxy resolves names only through DNS `resolvers` (with init-addr none), never through
+    /etc/hosts, and a host has no Docker DNS; so names that the hosts block maps are handed
+    to HAProxy as the same addresses, and only unmapped names are left to the resolvers.
+    A relay without its own health check gets `health_check`.
+    """
+    mapped = hosts or {}
+    result = []
+    for relay in relays:
+        entry = dict(relay)
+        address = mapped.get(str(entry.get("backend_host")))
+        if address:
+            entry["backend_host"] = str(address)
+        if health_check and "health_check" not in entry:
+            entry["health_check"] = dict(health_check)
+        result.append(entry)
+    return result
+
 class FilterModule:
     """Ansible entry point."""
 
@@ -44,4 +149,9 @@ class FilterModule:
         return {
             "netloom_overlay_runners": netloom_overlay_runners,
             "netloom_runner_of": netloom_runner_of,
+            "netloom_edge_cni_subnet": netloom_edge_cni_subnet,
+            "netloom_edge_cni_conflist": netloom_edge_cni_conflist,
+            "netloom_edge_wg_address": netloom_edge_wg_address,
+            "netloom_edge_peers": netloom_edge_peers,
+            "netloom_edge_relays": netloom_edge_relays,
         }
