@@ -441,6 +441,8 @@ class WgQuickUnit:
 
     def _remove_dropin(self) -> None:
         remove_file(self.dropin_path)
+        with contextlib.suppress(OSError):  # the .d directory goes too unless something else is in it
+            os.rmdir(os.path.dirname(self.dropin_path))
         run_command(["systemctl", "daemon-reload"])
 
     def _enable(self) -> None:
@@ -451,16 +453,19 @@ class WgQuickUnit:
         run_command(["systemctl", "disable", "--now", self.unit])
 
     def plan(self, plan: ChangePlan, implementation: str | None) -> None:
-        """Steps for the unit: present with an implementation, or absent when it is None."""
+        """Steps for the unit: present with an implementation, or absent when it is None.
+
+        On removal the unit is stopped first, while its drop-in still describes how it runs.
+        """
         current, _mode = read_private_file(self.dropin_path)
-        want_dropin = implementation == "wireguard-go"
-        if want_dropin and current != userspace_dropin():
-            plan.add(f"systemd drop-in {self.dropin_path}", "update" if current else "create",
-                     current, userspace_dropin(), self._write_dropin)
-        if not want_dropin and current is not None:
-            plan.add(f"systemd drop-in {self.dropin_path}", "delete", current, None, self._remove_dropin)
         enabled = self.enabled()
+        step_key = f"systemd drop-in {self.dropin_path}"
+        if implementation is None and enabled:
+            plan.add(f"service {self.unit}", "update", {"enabled": True}, {"enabled": False}, self._disable)
+        if implementation == "wireguard-go" and current != userspace_dropin():
+            plan.add(step_key, "create" if current is None else "update", current, userspace_dropin(),
+                     self._write_dropin)
+        elif implementation != "wireguard-go" and current is not None:
+            plan.add(step_key, "delete", current, None, self._remove_dropin)
         if implementation and not enabled:
             plan.add(f"service {self.unit}", "update", {"enabled": False}, {"enabled": True}, self._enable)
-        if not implementation and enabled:
-            plan.add(f"service {self.unit}", "update", {"enabled": True}, {"enabled": False}, self._disable)
