@@ -5,6 +5,7 @@ roles stay declarative.
 """
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ def netloom_edge_cni_subnet(value: str | None, base: str, index: Any = None) -> 
     base_net = ipaddress.IPv4Network(str(base))
     if value in (None, ""):
         if index is None or str(index).strip() == "":
-            raise ValueError("netloom_edge_cni_subnet: not set and no netloom_edge_node_index to derive it from")
+            raise ValueError("netloom_edge_cni_subnet: not set, and no netloom_edge_node_index to derive it")
         number = int(index)
         blocks = 2 ** (24 - base_net.prefixlen) if base_net.prefixlen <= 24 else 0
         if not 0 <= number < blocks:
@@ -55,15 +56,16 @@ def netloom_edge_cni_subnet(value: str | None, base: str, index: Any = None) -> 
     try:
         subnet = ipaddress.IPv4Network(str(value).strip())
     except ValueError:
-        raise ValueError(f"netloom_edge_cni_subnet: {value!r}: not an IPv4 network without host bits") from None
+        raise ValueError(f"netloom_edge_cni_subnet: {value!r}: no IPv4 network (host bits set?)") from None
     if subnet.prefixlen > 30:
-        raise ValueError(f"netloom_edge_cni_subnet: {value!r}: /31 and /32 leave no worker address (/30 or shorter)")
+        raise ValueError(f"netloom_edge_cni_subnet: {value!r}: needs /30 or shorter")
     if not subnet.subnet_of(base_net):
         raise ValueError(f"netloom_edge_cni_subnet: {value!r}: outside the worker base {base_net}")
     return str(subnet)
 
 
-def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: str, name: str) -> dict[str, Any]:
+def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: str,
+                              name: str) -> dict[str, Any]:
     """The CNI conflist for containerd users: bridge plugin on the shared base, host-local range = CNI_SUBNET.
 
     The range keeps the base's mask and gateway (10.88.0.1 on every node), so a worker sees

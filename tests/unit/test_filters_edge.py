@@ -1,0 +1,102 @@
+"""The Edge Serverless Box inventory filters: CNI_SUBNET, conflist, WireGuard addresses and peers, relays."""
+from __future__ import annotations
+
+import pytest
+
+from filter_plugins.netloom import (
+    FilterModule,
+    netloom_edge_cni_conflist,
+    netloom_edge_cni_subnet,
+    netloom_edge_peers,
+    netloom_edge_relays,
+    netloom_edge_wg_address,
+)
+
+BASE = "10.88.0.0/16"
+
+
+@pytest.mark.parametrize("value,index,expected", [
+    ("", 1, "10.88.1.0/24"),
+    (None, 2, "10.88.2.0/24"),
+    ("", "255", "10.88.255.0/24"),
+    ("10.88.7.0/24", 1, "10.88.7.0/24"),
+    (" 10.88.8.0/30 ", None, "10.88.8.0/30"),
+    ("10.88.0.0/16", None, "10.88.0.0/16"),
+])
+def test_cni_subnet_declared_or_derived_from_the_node_index(value, index, expected) -> None:
+    assert netloom_edge_cni_subnet(value, BASE, index) == expected
+
+
+@pytest.mark.parametrize("value,index,reason", [
+    ("10.89.1.0/24", None, "outside the worker base"),
+    ("10.88.1.0/31", None, "needs /30 or shorter"),
+    ("10.88.1.1/32", None, "needs /30 or shorter"),
+    ("10.88.1.1/24", None, "host bits"),
+    ("esb-workers", None, "no IPv4 network"),
+    ("", 256, "netloom_edge_node_index"),
+    ("", -1, "netloom_edge_node_index"),
+    ("", "", "not set"),
+])
+def test_bad_cni_subnet_is_refused_naming_the_variable(value, index, reason) -> None:
+    with pytest.raises(ValueError, match=reason):
+        netloom_edge_cni_subnet(value, BASE, index)
+
+
+def test_conflist_keeps_base_and_gateway_and_hands_out_only_the_node_block() -> None:
+    conflist = netloom_edge_cni_conflist("10.88.1.0/24", BASE, "10.88.0.1", "esb-cni0", "esb-workers")
+    bridge, portmap = conflist["plugins"]
+    assert conflist["name"] == "esb-workers" and conflist["cniVersion"] == "1.0.0"
+    assert bridge["type"] == "bridge" and bridge["bridge"] == "esb-cni0" and bridge["isGateway"] is True
+    assert bridge["ipam"]["type"] == "host-local"
+    assert bridge["ipam"]["ranges"] == [[
+        {"subnet": BASE, "rangeStart": "10.88.1.1", "rangeEnd": "10.88.1.254", "gateway": "10.88.0.1"}]]
+    assert portmap["type"] == "portmap"
+
+
+def test_conflist_of_a_slash_30_has_two_worker_addresses() -> None:
+    conflist = netloom_edge_cni_conflist("10.88.3.4/30", BASE, "10.88.0.1", "b", "n")
+    ranges = conflist["plugins"][0]["ipam"]["ranges"]
+    assert (ranges[0][0]["rangeStart"], ranges[0][0]["rangeEnd"]) == ("10.88.3.5", "10.88.3.6")
+
+
+def test_conflist_refuses_a_gateway_outside_the_base() -> None:
+    with pytest.raises(ValueError, match="netloom_edge_gateway_ip"):
+        netloom_edge_cni_conflist("10.88.1.0/24", BASE, "10.89.0.1", "b", "n")
+
+
+def test_wireguard_addresses_control_first_then_nodes() -> None:
+    assert netloom_edge_wg_address("10.99.0.0/24", 0) == "10.99.0.1/24"
+    assert netloom_edge_wg_address("10.99.0.0/24", "2") == "10.99.0.3/24"
+    with pytest.raises(ValueError, match="no host address left"):
+        netloom_edge_wg_address("10.99.0.0/24", 253)
+
+
+def test_peers_are_the_published_entries_in_group_order() -> None:
+    hostvars = {
+        "c1": {"peer": {"public_key": "A=", "allowed_ips": ["10.99.0.2/32", "10.88.1.0/24"]}},
+        "c2": {"peer": {"public_key": "B=", "allowed_ips": ["10.99.0.3/32"]}},
+        "silent": {},
+    }
+    assert [p["public_key"] for p in netloom_edge_peers(["c2", "c1"], hostvars, "peer")] == ["B=", "A="]
+    with pytest.raises(ValueError, match="silent: peer is not set"):
+        netloom_edge_peers(["c1", "silent"], hostvars, "peer")
+
+
+def test_relays_get_mapped_addresses_and_default_health_checks() -> None:
+    relays = [
+        {"name": "s3", "bind": "127.0.0.1:9000", "backend_host": "s3-storage", "backend_port": 9000},
+        {"name": "other", "bind": "127.0.0.1:9100", "backend_host": "elsewhere", "backend_port": 1,
+         "health_check": {"enabled": False}},
+    ]
+    result = netloom_edge_relays(relays, {"s3-storage": "10.99.0.1"}, {"inter": "2s"})
+    assert result[0]["backend_host"] == "10.99.0.1" and result[0]["health_check"] == {"inter": "2s"}
+    assert result[1]["backend_host"] == "elsewhere" and result[1]["health_check"] == {"enabled": False}
+    assert relays[0]["backend_host"] == "s3-storage", "the input is not modified"
+    assert netloom_edge_relays(relays, None)[0] == relays[0]
+
+
+def test_edge_filters_are_registered() -> None:
+    filters = FilterModule().filters()
+    for name in ("netloom_edge_cni_subnet", "netloom_edge_cni_conflist", "netloom_edge_wg_address",
+                 "netloom_edge_peers", "netloom_edge_relays"):
+        assert name in filters
