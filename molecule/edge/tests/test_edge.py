@@ -1,0 +1,207 @@
+"""Verify the Edge Serverless Box lab by real traffic, not by reading config back.
+
+Runs after converge and again after the side effect broke things (a DNAT rule deleted,
+the HAProxy config edited by hand, a route and a WireGuard peer removed on the control
+node) and converge repaired them, so every assertion here also proves the repair.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import uuid
+
+import pytest
+import testinfra
+
+INVENTORY = str(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
+SCENARIO = pathlib.Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
+IMAGE = "netloom-lab/busybox:latest"
+CA = "/etc/docker/certs.d/10.99.0.1:5010/ca.crt"
+
+# Sends one hand-made TCP SYN out of an interface to a given MAC and IP (what a neighbour
+# can do: put any destination address in a frame addressed to the node), then reports
+# whether anything answered from that address and port. Python's stdlib only (the node
+# has no scapy): AF_PACKET to send and to listen.
+PROBE = r'''
+import os, socket, struct, sys, time
+iface, dst_mac, src_ip, dst_ip, dst_port = sys.argv[1:6]
+dst_port = int(dst_port)
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+src_port = 40000 + os.getpid() % 20000
+src, dst = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
+tcp = struct.pack("!HHIIBBHHH", src_port, dst_port, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+tcp = tcp[:16] + struct.pack("!H", checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+my_mac = open(f"/sys/class/net/{iface}/address").read().strip()
+macs = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(my_mac.replace(":", ""))
+frame = macs + b"\x08\x00" + ip + tcp
+listener = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+listener.bind((iface, 0))
+listener.settimeout(0.2)
+sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+sender.bind((iface, 0))
+sender.send(frame)
+answer = "none"
+deadline = time.time() + 3
+while time.time() < deadline and answer == "none":
+    try:
+        packet = listener.recv(65535)
+    except socket.timeout:
+        continue
+    if len(packet) < 54 or packet[23] != 6 or packet[26:30] != dst:
+        continue
+    header = (packet[14] & 0x0F) * 4
+    sport, dport = struct.unpack("!HH", packet[14 + header:18 + header])
+    flags = packet[14 + header + 13]
+    if sport == dst_port and dport == src_port:
+        answer = "synack" if flags & 0x12 == 0x12 else "rst" if flags & 0x04 else f"flags={flags}"
+print(answer)
+'''
+
+
+def node(name: str) -> testinfra.host.Host:
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+@pytest.fixture(scope="module")
+def control():
+    return node("control")
+
+
+@pytest.fixture(scope="module")
+def compute1():
+    return node("compute1")
+
+
+@pytest.fixture(scope="module")
+def adjacent():
+    return node("adjacent")
+
+
+class Worker:
+    """A busybox container on a compute node's worker network, serving :8080; removed afterwards."""
+
+    def __init__(self, host, network: str = "esb-workers") -> None:
+        self.host = host
+        self.name = f"nltest-{uuid.uuid4().hex[:6]}"
+        host.check_output(
+            f"docker run -d --name {self.name} --network {network} {IMAGE} "
+            "sh -c 'echo worker-ok > /tmp/index.html; httpd -f -p 8080 -h /tmp'")
+        template = f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}'
+        self.ip = host.check_output(f"docker inspect -f '{template}' {self.name}")
+
+    def run(self, command: str):
+        return self.host.run(f"docker exec {self.name} {command}")
+
+    def remove(self) -> None:
+        self.host.run(f"docker rm -f {self.name}")
+
+
+@pytest.fixture(scope="module")
+def worker1(compute1):
+    worker = Worker(compute1)
+    yield worker
+    worker.remove()
+
+
+@pytest.mark.parametrize("compute_name,index", [("compute1", 1), ("compute2", 2)])
+def test_worker_reaches_control_services_through_dnat_and_local_proxy(compute_name, index):
+    host = node(compute_name)
+    worker = Worker(host)
+    try:
+        assert worker.ip.startswith(f"10.88.{index}."), worker.ip
+        for port, service in ((9000, "s3-storage"), (8001, "database"), (9428, "victorialogs")):
+            reply = worker.run(f"wget -q -T 5 -O- http://10.88.0.1:{port}/health")
+            assert reply.rc == 0, f"{port}: {reply.stderr}"
+            assert reply.stdout.strip() == service
+    finally:
+        worker.remove()
+    # The path really is DNAT to the local proxy: netloom's chain matched and HAProxy listens on loopback.
+    rules = host.check_output("iptables -t nat -S NETLOOM-DNAT")
+    assert "--to-destination 127.0.0.1:9000" in rules
+    listening = host.check_output("ss -Hltn")
+    assert "127.0.0.1:9000" in listening and "127.0.0.1:8001" in listening
+
+
+def test_gateway_reaches_worker_through_wg0(control, worker1):
+    assert "dev wg0" in control.check_output(f"ip route get {worker1.ip}")
+    reply = control.run(f"curl -sS -m 5 http://{worker1.ip}:8080/index.html")
+    assert reply.rc == 0, reply.stderr
+    assert reply.stdout.strip() == "worker-ok"
+
+
+def test_worker_reaches_gateway_through_wireguard(compute1, control, worker1):
+    assert "dev wg0" in compute1.check_output("ip route get 10.99.0.1")
+    before = json.loads(control.check_output("ip -j -s link show wg0"))[0]["stats64"]["rx"]["packets"]
+    ping = worker1.run("ping -c 3 -W 2 10.99.0.1")
+    assert ping.rc == 0, ping.stdout + ping.stderr
+    after = json.loads(control.check_output("ip -j -s link show wg0"))[0]["stats64"]["rx"]["packets"]
+    assert after - before >= 3
+
+
+def test_registry_relay_tls_verifies_against_the_ca(compute1):
+    with_ca = compute1.run(f"curl -sS -m 5 --cacert {CA} https://10.99.0.1:5010/health")
+    assert with_ca.rc == 0, with_ca.stderr
+    assert with_ca.stdout.strip() == "esb-registry"
+    # The system store trusts the CA too (update-ca-certificates ran).
+    system = compute1.run("curl -sS -m 5 https://10.99.0.1:5010/v2/")
+    assert system.rc == 0, system.stderr
+    # A client that does not trust the lab CA is refused: verification is real.
+    untrusted = compute1.run("curl -sS -m 5 --cacert /etc/ssl/certs/ISRG_Root_X1.pem https://10.99.0.1:5010/health")
+    assert untrusted.rc != 0
+
+
+def probe(adjacent, compute, dst_ip: str, port: int) -> str:
+    """Send a crafted SYN from adjacent to the compute node's MAC and dst_ip:port; what came back."""
+    compute_if = compute.ansible.get_variables()["netloom_underlay_interface"]
+    adjacent_vars = adjacent.ansible.get_variables()
+    mac = compute.check_output(f"cat /sys/class/net/{compute_if}/address")
+    script = base64.b64encode(PROBE.encode()).decode()
+    return adjacent.check_output(
+        f"python3 -c \"import base64; exec(base64.b64decode('{script}'))\" "
+        f"{adjacent_vars['netloom_underlay_interface']} {mac} {adjacent_vars['netloom_underlay_ip']} "
+        f"{dst_ip} {port}")
+
+
+def guard_drops(compute) -> int:
+    out = compute.check_output("iptables -t raw -L NETLOOM-LOCALNET-GUARD -v -x -n")
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if "DROP" in line)
+
+
+def test_adjacent_host_cannot_reach_a_loopback_service_of_the_compute_node(adjacent, compute1):
+    """CVE-2020-8558: a neighbour frames a packet to 127.0.0.1 with the compute node's MAC.
+
+    The control probe (same crafted SYN to the node's underlay address and sshd) must be
+    answered, so silence for 127.0.0.1:9000, where HAProxy listens, means the packet was
+    dropped, and the guard's counter shows netloom's rule is what dropped it.
+    """
+    compute_ip = compute1.ansible.get_variables()["netloom_underlay_ip"]
+    assert probe(adjacent, compute1, compute_ip, 22) == "synack"
+    before = guard_drops(compute1)
+    assert probe(adjacent, compute1, "127.0.0.1", 9000) == "none"
+    assert guard_drops(compute1) > before
+    assert compute1.check_output("cat /proc/sys/net/ipv4/conf/all/route_localnet") == "0"
+    assert compute1.check_output("cat /proc/sys/net/ipv4/conf/esb-cni0/route_localnet") == "1"
+
+
+def test_check_mode_after_converge_reports_no_change():
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    playbook = pathlib.Path(sys.executable).parent / "ansible-playbook"
+    argv = [str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats, "check run touched no host"
+    changed = {host: s["changed"] for host, s in stats.items() if s["changed"]}
+    assert not changed, f"check mode after converge reported changes: {changed}"
