@@ -64,7 +64,8 @@ def kernel_state(ns: Netns) -> str:
     summary = []
     for name, link in sorted(links(ns).items()):
         kind = link.get("linkinfo", {}).get("info_kind", "")
-        summary.append(f"{name} {link['ifindex']} {kind} {link['mtu']} {sorted(link['flags'])} "
+        # Admin state only: carrier flags of a fresh veth settle asynchronously.
+        summary.append(f"{name} {link['ifindex']} {kind} {link['mtu']} {'UP' in link['flags']} "
                        f"{link.get('master')} {vxlan(link) if kind == 'vxlan' else ''}")
     return "\n".join([*summary, ns.sh("ip -4 addr show"), ns.sh("iptables -S"), ns.sh("iptables -t nat -S"),
                       ns.sh("sysctl -n net.ipv4.ip_forward")])
