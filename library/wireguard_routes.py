@@ -166,10 +166,13 @@ class Route:
     proto: int
 
     def view(self, ifname_of: dict[int, str]) -> dict[str, Any]:
-        target = {"dev": ifname_of.get(self.oif or 0, self.oif)}
+        shown: dict[str, Any] = {"cidr": str(self.network)}
         if self.gateway:
-            target["via"] = self.gateway
-        return {"cidr": str(self.network), **target, "proto": self.proto}
+            shown["via"] = self.gateway
+        if self.oif is not None:
+            shown["dev"] = ifname_of.get(self.oif, self.oif)
+        shown["proto"] = self.proto
+        return shown
 
 
 def resolve_ipv4(field_name: str, host: str) -> str:

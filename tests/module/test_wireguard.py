@@ -439,7 +439,8 @@ def test_routes_filter_allowed_ips_and_own_only_their_routes(lab: Lab) -> None:
     table_before_preview = lab.gw.routes_table()
     preview = lab.gw.routes(check_mode=True, **no_via)
     assert preview["installed"] == ["10.88.2.0/24"] and preview["removed"] == ["10.88.3.0/24"]
-    assert preview["diff"]["before"]["route 10.88.2.0/24"]["via"] == CP_UNDERLAY
+    assert preview["diff"]["before"]["route 10.88.2.0/24"] == {"cidr": "10.88.2.0/24", "via": CP_UNDERLAY,
+                                                                "dev": "veth-gw", "proto": 250}
     assert preview["diff"]["after"]["route 10.88.2.0/24"] == {"cidr": "10.88.2.0/24", "dev": "wg0",
                                                                "proto": 250}
     assert lab.gw.routes_table() == table_before_preview
