@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.netns import Netns, run_module
+from tests.support.netns import ROOT, Netns, run_module
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -276,3 +277,50 @@ def test_bad_input_fails_before_any_change(hub: Netns, overrides: dict[str, Any]
     assert fragment in result["msg"]
     assert kernel_state(hub) == before
     assert not os.path.exists(hub.state_file)  # type: ignore[attr-defined]
+
+
+DUMP_SNAPSHOT = """
+import json, sys
+import ansible.module_utils
+ansible.module_utils.__path__.append(sys.argv[1])
+from ansible.module_utils.netloom.netlink import Netlink
+with Netlink() as nl:
+    snap = nl.dump(routes=True)
+print(json.dumps({
+    "links": {name: {"index": l.index, "kind": l.kind, "mtu": l.mtu, "up": l.up, "master": l.master,
+                     "vxlan": l.vxlan.describe() if l.vxlan else None} for name, l in snap.links.items()},
+    "addresses": {str(index): sorted(map(str, addrs)) for index, addrs in snap.addresses.items()},
+    "routes": sorted(f"{r.dst} {r.gateway} {r.oif} {r.priority}" for r in snap.routes),
+    "pyroute2_imported": "pyroute2" in sys.modules,
+}))
+"""
+
+
+def test_netlink_dump_reads_what_ip_reports(hub: Netns) -> None:
+    """The seam's struct decoder against iproute2's view of the same kernel objects."""
+    hub.sh("ip link add vxl type vxlan id 42 local 192.0.2.1 remote 192.0.2.9 dstport 8472 learning"
+           " && ip link add vx6 type vxlan id 43 remote 2001:db8::9 dstport 4789"
+           " && ip link add br9 mtu 1400 type bridge && ip link set vxl master br9 && ip link set br9 up"
+           " && ip addr add 10.9.0.1/16 dev br9 && ip addr add 10.9.0.7/24 dev br9"
+           " && ip route add 10.200.0.0/16 via 10.9.0.254 metric 7")
+    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
+    got = json.loads(hub.sh(f"{python} -c '{DUMP_SNAPSHOT}' {ROOT / 'module_utils'}"))
+    assert not got["pyroute2_imported"]
+    live = links(hub)
+    assert set(got["links"]) == set(live)
+    index_of = {name: link["ifindex"] for name, link in live.items()}
+    for name, link in live.items():
+        mine = got["links"][name]
+        assert mine["index"] == link["ifindex"]
+        assert mine["kind"] == link.get("linkinfo", {}).get("info_kind", "")
+        assert mine["mtu"] == link["mtu"]
+        assert mine["up"] == ("UP" in link["flags"])
+        assert mine["master"] == (index_of[link["master"]] if "master" in link else None)
+    assert got["links"]["vxl"]["vxlan"] == {"vni": 42, "local": "192.0.2.1", "remote": "192.0.2.9",
+                                            "port": 8472, "learning": True}
+    assert got["links"]["vx6"]["vxlan"]["remote"] is None  # an IPv6 remote is never "ours"
+    assert got["addresses"][str(index_of["br9"])] == ["10.9.0.1/16", "10.9.0.7/24"]
+    assert got["addresses"][str(index_of["u0"])] == ["192.0.2.1/24"]
+    assert f"10.200.0.0/16 10.9.0.254 {index_of['br9']} 7" in got["routes"]
+    assert f"10.9.0.0/16 None {index_of['br9']} 0" in got["routes"]
+    assert not any(route.startswith("127.") for route in got["routes"])  # local table left out
