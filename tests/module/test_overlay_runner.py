@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.netns import Netns, run_module, sh
+from tests.support.netns import ROOT, Netns, run_module, sh
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -253,3 +254,29 @@ def test_hub_and_two_runners_carry_traffic(tmp_path: pathlib.Path) -> None:
             assert " 0% packet loss" in first.sh("ping -c2 -W2 -I 10.1.0.1 10.2.0.5")
         finally:
             sh(f"ip netns del {second.name}-w")
+
+
+ROUTE_REPLACE = """
+import ipaddress, json, sys
+import ansible.module_utils
+ansible.module_utils.__path__.append(sys.argv[1])
+from ansible.module_utils.netloom.common import CommandError
+from ansible.module_utils.netloom.netlink import Netlink
+with Netlink() as nl:
+    nl.dump()
+    try:
+        nl.replace_route(ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Address("10.1.0.254"), "u0")
+    except CommandError as err:
+        print(json.dumps({"error": str(err)}))
+    else:
+        print(json.dumps({"error": None}))
+"""
+
+
+def test_route_errors_are_raised_not_swallowed(runner: Netns) -> None:
+    """The reference system ignored a failed `ip route add`; the seam turns it into a module failure."""
+    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
+    got = json.loads(runner.sh(f"{python} -c '{ROUTE_REPLACE}' {ROOT / 'module_utils'}"))
+    assert got["error"] and "replace route 10.0.0.0/8 via 10.1.0.254 dev u0" in got["error"]
+    assert "unreachable" in got["error"].lower()
+    assert overlay_routes(runner) == []
