@@ -180,6 +180,7 @@ class Lab:
             containers = {name: self._ensure_container(node, image_id, networks)
                           for name, node in self.topology.nodes.items()}
             self._remove_stray_networks_and_volumes()
+            lab_image.prune_old_images(self.client, tag, self.say)
             access = self._bring_up_nodes(containers, public_key)
             self._write_inventories(inventory_file, access)
             if molecule_config is not None:
@@ -336,6 +337,8 @@ class Lab:
             "tmpfs": {"/run": "", "/run/lock": ""}, "environment": {"container": "docker"},
             "ports": {"22/tcp": ("127.0.0.1",)}, "network": self.names.network(MGMT),
             "stop_signal": "SIGRTMIN+3", "detach": True,
+            # back after a dockerd restart, but a node someone stopped stays stopped until `up`
+            "restart_policy": {"Name": "unless-stopped"},
         }
         attachments = {self.names.network(net): str(address) for net, address in node.addresses.items()}
         wanted = spec_hash({"create": kwargs, "attach": attachments,

@@ -182,9 +182,12 @@ def _install_overlay(rootfs: Path) -> None:
         if not source.is_file() or "__pycache__" in source.parts:
             continue
         target = rootfs / source.relative_to(OVERLAY_DIR)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.parent.resolve().is_relative_to(root) or target.is_symlink():
+        existing = target.parent  # check before creating anything below it
+        while not existing.exists() and not existing.is_symlink():
+            existing = existing.parent
+        if not existing.resolve().is_relative_to(root) or target.is_symlink():
             raise ImageError(f"{target} would be written outside the image rootfs")
+        target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         target.chmod(0o755 if os.access(source, os.X_OK) else 0o644)
 

@@ -258,14 +258,16 @@ def _node(name: str, spec: Any, networks: dict[str, Network], default_routes: li
     own_routes = _routes(f"{where}.routes", spec.get("routes", []))
     # A node's own route to a destination replaces the default one to the same destination.
     own_targets = {route.to for route in own_routes}
-    routes = [route for route in default_routes if route.to not in own_targets] + own_routes
-    for index, route in enumerate(routes):
-        _check_route(f"{where}.routes[{index}]", route, addresses, networks)
+    routes = [(f"defaults.routes[{index}] (for node {name})", route)
+              for index, route in enumerate(default_routes) if route.to not in own_targets]
+    routes += [(f"{where}.routes[{index}]", route) for index, route in enumerate(own_routes)]
+    for spot, route in routes:
+        _check_route(spot, route, addresses, networks)
     sysctls = {**default_sysctls, **_sysctls(f"{where}.sysctls", spec.get("sysctls", {}))}
     host_vars = {**default_vars, **_vars(f"{where}.vars", spec.get("vars", {}))}
     echo = _services(f"{where}.services", spec.get("services", {}), addresses)
-    return Node(name, tuple(dict.fromkeys(groups)), addresses, docker, tuple(routes), sysctls, host_vars,
-                echo)
+    return Node(name, tuple(dict.fromkeys(groups)), addresses, docker, tuple(route for _, route in routes),
+                sysctls, host_vars, echo)
 
 
 def _node_addresses(where: str, value: Any, networks: dict[str, Network]) -> dict[str, ipaddress.IPv4Address]:
