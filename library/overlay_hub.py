@@ -195,6 +195,7 @@ from ansible.module_utils.netloom.netlink import (
     Netlink,
     Snapshot,
     Vxlan,
+    check_vni_free,
     describe_link,
     dummy_supported,
     missing_pyroute2,
@@ -322,6 +323,9 @@ class OverlayHub:
             if clash is not None and clash.kind != "vxlan":
                 raise CommandError(f"runner {runner.name} needs link {name}, which exists as a "
                                    f"{clash.kind or 'physical'} link netloom does not own")
+
+        check_vni_free(snapshot, "vni_base", {vni: f"{self.link_prefix}{rid}" for rid, vni in vnis.items()},
+                       self.port, {link.name for link in owned.values()})
 
         self.plan.extend(plan_sysctls({"net.ipv4.ip_forward": "1"}))
         anchor_fresh = self.plan_anchor(snapshot)

@@ -160,6 +160,7 @@ from ansible.module_utils.netloom.netlink import (
     Netlink,
     Snapshot,
     Vxlan,
+    check_vni_free,
     describe_link,
     missing_pyroute2,
     overlay_mtu,
@@ -236,6 +237,8 @@ class OverlayRunner:
         if bridge is not None and bridge.kind != "bridge":
             raise CommandError(f"bridge_name {self.bridge} exists as a {bridge.kind or 'physical'} link, "
                                "not a bridge; netloom will not replace a link it does not own")
+
+        check_vni_free(snapshot, "vni_base", {self.vni: self.vxlan}, self.port, {self.vxlan})
 
         self.plan.extend(plan_sysctls({"net.ipv4.ip_forward": "1"}))
         desired_bridge = {"kind": "bridge", "mtu": mtu, "up": True}

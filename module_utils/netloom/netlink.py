@@ -484,6 +484,22 @@ def overlay_mtu(field_name: str, requested: Any, underlay: Link) -> int:
     return int_range(field_name, requested, MIN_MTU, ceiling)
 
 
+def check_vni_free(snapshot: Snapshot, field_name: str, wanted: dict[int, str], port: int,
+                   owned: set[str]) -> None:
+    """Fail before any change when a VXLAN link netloom does not own already uses a wanted VNI.
+
+    The kernel refuses a second VXLAN device with the same VNI and UDP port, which would
+    otherwise surface half-way through a run. `wanted` maps VNI -> the link that needs it.
+    """
+    for link in snapshot.links.values():
+        if link.vxlan is None or link.name in owned or link.vxlan.port != port:
+            continue
+        if link.vxlan.vni in wanted:
+            raise InputError(field_name, link.vxlan.vni,
+                             f"VNI {link.vxlan.vni} (port {port}) needed by {wanted[link.vxlan.vni]} is "
+                             f"already used by {link.name}, a VXLAN link netloom does not own")
+
+
 def describe_link(link: Link | None, snapshot: Snapshot) -> dict[str, Any] | None:
     """A link's managed attributes as plain data, for diffs."""
     if link is None:

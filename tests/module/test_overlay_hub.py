@@ -324,3 +324,13 @@ def test_netlink_dump_reads_what_ip_reports(hub: Netns) -> None:
     assert f"10.200.0.0/16 10.9.0.254 {index_of['br9']} 7" in got["routes"]
     assert f"10.9.0.0/16 None {index_of['br9']} 0" in got["routes"]
     assert not any(route.startswith("127.") for route in got["routes"])  # local table left out
+
+
+def test_vni_used_by_a_foreign_vxlan_link_fails_before_any_change(hub: Netns) -> None:
+    hub.sh("ip link add vxother type vxlan id 102 remote 192.0.2.50 dstport 4789")
+    before = kernel_state(hub)
+    result = run_module("overlay_hub", args(hub), netns=hub.name)
+    assert result["failed"] and result["field"] == "vni_base"
+    assert "needed by vxkr2 is already used by vxother" in result["msg"]
+    assert kernel_state(hub) == before
+    assert not run_module("overlay_hub", args(hub, port=8472), netns=hub.name).get("failed")

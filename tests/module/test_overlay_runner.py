@@ -280,3 +280,12 @@ def test_route_errors_are_raised_not_swallowed(runner: Netns) -> None:
     assert got["error"] and "replace route 10.0.0.0/8 via 10.1.0.254 dev u0" in got["error"]
     assert "unreachable" in got["error"].lower()
     assert overlay_routes(runner) == []
+
+
+def test_vni_used_by_a_foreign_vxlan_link_fails_before_any_change(runner: Netns) -> None:
+    runner.sh("ip link add vxother type vxlan id 101 remote 192.0.2.50 dstport 4789")
+    before = kernel_state(runner)
+    result = run_module("overlay_runner", args(), netns=runner.name)
+    assert result["failed"] and result["field"] == "vni_base"
+    assert "already used by vxother" in result["msg"]
+    assert kernel_state(runner) == before
