@@ -104,11 +104,11 @@ def test_inventory_and_molecule_config_describe_the_nodes(lab: dict[str, Any]) -
 
 def test_ansible_reaches_every_node_over_ssh(lab: dict[str, Any]) -> None:
     result = subprocess.run([str(REPO / ".venv" / "bin" / "ansible"), "-i", str(lab["inventory"]), "all",
-                             "-m", "ansible.builtin.command", "-a", "hostname", "-o"],
+                             "-m", "ansible.builtin.command", "-a", "hostname"],
                             capture_output=True, text=True, check=False, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "client | CHANGED | rc=0 | (stdout) client" in result.stdout
-    assert "edge | CHANGED | rc=0 | (stdout) edge" in result.stdout
+    assert "client | CHANGED | rc=0 >>\nclient\n" in result.stdout
+    assert "edge | CHANGED | rc=0 >>\nedge\n" in result.stdout
 
 
 def test_routes_sysctls_and_echo_through_the_edge_node(lab: dict[str, Any]) -> None:
