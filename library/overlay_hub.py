@@ -301,28 +301,23 @@ class OverlayHub:
         mtu = overlay_mtu("mtu", params["mtu"], underlay)
         state_text, records = self.read_records()
         owned = self.owned_links(snapshot)
-        for position, spec in enumerate(self.specs):
-            if spec.declared_id is None:
-                continue
-            name = f"{self.link_prefix}{spec.declared_id}"
-            clash = snapshot.link(name)
-            if clash is not None and clash.kind != "vxlan":
-                raise InputError(f"runners[{position}].id", spec.declared_id,
-                                 f"link {name} exists as a {clash.kind or 'physical'} link "
-                                 "netloom does not own")
         remotes = {rid: link.vxlan.remote for rid, link in owned.items()
                    if link.vxlan is not None and link.vxlan.remote is not None}
+        foreign = {int(match.group(1)) for name, link in snapshot.links.items()
+                   if link.kind != "vxlan" and (match := self.link_re.match(name))}
         resolved = sorted(resolve_runner_ids(address_plan, self.specs, records, remotes,
-                                             keep_undeclared=not params["purge"]),
+                                             keep_undeclared=not params["purge"], blocked=foreign),
                           key=lambda runner: runner.runner_id)
         vnis = {runner.runner_id: address_plan.runner_vni(params["vni_base"], runner.runner_id)
                 for runner in resolved}
+        position = {spec.name: index for index, spec in enumerate(self.specs)}
         for runner in resolved:
             name = f"{self.link_prefix}{runner.runner_id}"
             clash = snapshot.link(name)
             if clash is not None and clash.kind != "vxlan":
-                raise CommandError(f"runner {runner.name} needs link {name}, which exists as a "
-                                   f"{clash.kind or 'physical'} link netloom does not own")
+                raise InputError(f"runners[{position[runner.name]}]", runner.name,
+                                 f"needs link {name} (id {runner.runner_id}, {runner.source}), which exists "
+                                 f"as a {clash.kind or 'physical'} link netloom does not own")
 
         check_vni_free(snapshot, "vni_base", {vni: f"{self.link_prefix}{rid}" for rid, vni in vnis.items()},
                        self.port, {link.name for link in owned.values()})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +238,7 @@ def resolve_runner_ids(plan: AddressPlan, specs: Sequence[RunnerSpec],
                        records: Sequence[RunnerRecord] = (),
                        link_remotes: Mapping[int, ipaddress.IPv4Address] | None = None,
                        keep_undeclared: bool = False,
+                       blocked: Iterable[int] = (),
                        field_name: str = "runners") -> list[ResolvedRunner]:
     """Give every declared runner an id without ever renumbering one.
 
@@ -245,7 +246,8 @@ def resolve_runner_ids(plan: AddressPlan, specs: Sequence[RunnerSpec],
     runner, for its underlay IP); the id of an existing link whose remote is the
     runner's underlay IP (interfaces are the source of truth); the lowest free id.
     With keep_undeclared (purge=false) ids of recorded runners and links that are not
-    declared stay reserved. A declared id that would take the id another declared
+    declared stay reserved. `blocked` ids (their link name is taken by something netloom
+    does not own) are never allocated. A declared id that would take the id another declared
     runner holds is refused instead of silently renumbering that runner.
     """
     link_remotes = dict(link_remotes or {})
@@ -293,7 +295,7 @@ def resolve_runner_ids(plan: AddressPlan, specs: Sequence[RunnerSpec],
                 break
     pending = [spec for spec in undeclared if spec.name not in resolved]
 
-    reserved = set(taken)
+    reserved = set(taken) | set(blocked)
     if keep_undeclared:
         reserved |= {record.runner_id for record in records
                      if record.name not in declared_names and record.underlay_ip not in declared_ips}

@@ -234,8 +234,13 @@ def test_foreign_link_with_an_owned_name_is_not_replaced(hub: Netns) -> None:
     hub.sh("ip link add vxkr2 type veth peer name vxkr2p")
     before = kernel_state(hub)
     result = run_module("overlay_hub", args(hub, runners=[{**RUNNERS[0], "id": 2}]), netns=hub.name)
-    assert result["failed"] and result["field"] == "runners[0].id"
+    assert result["failed"] and result["field"] == "runners[0]"
+    assert "needs link vxkr2 (id 2, declared)" in result["msg"]
     assert kernel_state(hub) == before
+    # Allocation steps around the foreign name instead.
+    result = hub_run(hub, args(hub, runners=RUNNERS[:2]))
+    assert [row["id"] for row in result["runners"]] == [1, 3]
+    assert links(hub)["vxkr2"]["linkinfo"]["info_kind"] == "veth"
 
 
 def test_explicit_mtu_and_the_12_6_14_plan(hub: Netns) -> None:

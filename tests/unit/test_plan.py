@@ -256,6 +256,13 @@ def test_undeclared_runners_keep_their_ids_without_purge() -> None:
     assert got == {"c": (3, "allocated")}
 
 
+def test_blocked_ids_are_skipped_by_allocation_only() -> None:
+    specs = parse_runners(SEED, runners(("a", "192.0.2.11"), ("b", "192.0.2.12", 2)))
+    resolved = resolve_runner_ids(SEED, specs, blocked={1, 2, 3})
+    got = [(r.name, r.runner_id, r.source) for r in resolved]
+    assert got == [("a", 4, "allocated"), ("b", 2, "declared")]
+
+
 def test_never_renumber_across_runs() -> None:
     first = resolve(runners(("a", "192.0.2.11"), ("b", "192.0.2.12"), ("c", "192.0.2.13")))
     records = [RunnerRecord(name, rid, IP(f"192.0.2.{10 + rid}")) for name, (rid, _) in first.items()]
