@@ -141,6 +141,7 @@ changes:
   sample: ["create link kohaku-overlay", "create link vxlan0", "create route 10.0.0.0/8"]
 """
 
+import ipaddress
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -208,9 +209,11 @@ class OverlayRunner:
         for required in ("plan", "runner_id", "hub_underlay_ip", "underlay_ip"):
             if params[required] in (None, ""):
                 raise InputError(required, params[required], "is required with state=present")
-        assert self.address_plan is not None
-        self.runner_id = self.address_plan.check_runner_id("runner_id", params["runner_id"])
-        self.vni = self.address_plan.runner_vni(params["vni_base"], self.runner_id)
+        address_plan = AddressPlan.from_value(params["plan"])
+        self.runner_id = address_plan.check_runner_id("runner_id", params["runner_id"])
+        self.addressing = address_plan.runner(self.runner_id)
+        self.overlay = address_plan.overlay
+        self.vni = address_plan.runner_vni(params["vni_base"], self.runner_id)
         self.port = port("port", params["port"])
         self.hub_ip = ipv4_address("hub_underlay_ip", params["hub_underlay_ip"])
         self.underlay_ip = ipv4_address("underlay_ip", params["underlay_ip"])
@@ -228,9 +231,8 @@ class OverlayRunner:
         finish(self.module, self.plan, bridge=self.bridge, vxlan=self.vxlan, **result)
 
     def plan_present(self, snapshot: Snapshot) -> dict[str, Any]:
-        assert self.address_plan is not None
-        addressing = self.address_plan.runner(self.runner_id)
-        overlay = self.address_plan.overlay
+        addressing = self.addressing
+        overlay = self.overlay
         underlay = underlay_link(snapshot, "underlay_ip", self.underlay_ip)
         mtu = overlay_mtu("mtu", self.params["mtu"], underlay)
         bridge = snapshot.link(self.bridge)
@@ -256,10 +258,10 @@ class OverlayRunner:
                               desired_bridge, lambda: self.nl.set_link(self.bridge, **fixes))
         want = Vxlan(vni=self.vni, local=self.underlay_ip, remote=self.hub_ip, port=self.port, learning=False)
         plan_vxlan(self.plan, self.nl, snapshot, self.vxlan, want, mtu, master=self.bridge)
-        stale = plan_addresses(self.plan, self.nl, snapshot, self.bridge, [addressing.gateway_interface],
-                               fresh=bridge is None)
+        removed = plan_addresses(self.plan, self.nl, snapshot, self.bridge, [addressing.gateway_interface],
+                                 fresh=bridge is None)
         self.plan_route(snapshot, overlay, addressing.hub_address,
-                        rebuilt=any(addressing.hub_address in interface.network for interface in stale))
+                        rebuilt=any(addressing.hub_address in interface.network for interface in removed))
         self.plan.extend(plan_chains(owned_chains(str(overlay))))
         if self.params["firewalld"] == "auto":
             self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan], "present"))
@@ -273,7 +275,8 @@ class OverlayRunner:
             "overlay": str(overlay), "mtu": mtu,
         }
 
-    def plan_route(self, snapshot: Snapshot, overlay: Any, hub_address: Any, rebuilt: bool) -> None:
+    def plan_route(self, snapshot: Snapshot, overlay: ipaddress.IPv4Network,
+                   hub_address: ipaddress.IPv4Address, rebuilt: bool) -> None:
         """Overlay CIDR via the hub's address on the bridge, metric 0, by route replace.
 
         `rebuilt`: an earlier step removes the address the route's gateway is reached through,
@@ -301,7 +304,7 @@ class OverlayRunner:
                                  "link: left alone")
         bridge = snapshot.link(self.bridge)
         if bridge is not None and bridge.kind == "bridge":
-            others = [port.name for port in snapshot.ports_of(self.bridge) if port.name != self.vxlan]
+            others = [member.name for member in snapshot.ports_of(self.bridge) if member.name != self.vxlan]
             if not others:
                 self.plan.add(f"link {self.bridge}", "delete", describe_link(bridge, snapshot), None,
                               lambda: self.nl.delete_link(self.bridge))

@@ -46,6 +46,7 @@ IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 3, 4, 10, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VXLAN_ID, IFLA_VXLAN_GROUP, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 2, 4, 7, 15
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_SECONDARY = 0x01
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 NLA_TYPE_MASK = 0x3FFF
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -111,6 +112,7 @@ class Snapshot:
 
     links: dict[str, Link] = field(default_factory=dict)
     addresses: dict[int, list[ipaddress.IPv4Interface]] = field(default_factory=dict)
+    secondaries: set[tuple[int, ipaddress.IPv4Interface]] = field(default_factory=set)
     routes: list[Route] = field(default_factory=list)
 
     def link(self, name: str) -> Link | None:
@@ -119,6 +121,11 @@ class Snapshot:
     def addresses_of(self, name: str) -> list[ipaddress.IPv4Interface]:
         link = self.links.get(name)
         return list(self.addresses.get(link.index, [])) if link else []
+
+    def is_secondary(self, name: str, interface: ipaddress.IPv4Interface) -> bool:
+        """A secondary address: another address of the same subnet on the link came first."""
+        link = self.links.get(name)
+        return link is not None and (link.index, interface) in self.secondaries
 
     def link_holding(self, address: ipaddress.IPv4Address) -> Link | None:
         """The link that has `address` configured (to check an underlay IP is on this node)."""
@@ -210,15 +217,15 @@ def _parse_link(body: bytes) -> Link:
                 master=_u32(body, attrs.get(IFLA_MASTER)) or None, vxlan=vxlan)
 
 
-def _parse_address(body: bytes) -> tuple[int, ipaddress.IPv4Interface] | None:
-    family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(body, 0)
+def _parse_address(body: bytes) -> tuple[int, ipaddress.IPv4Interface, bool] | None:
+    family, prefixlen, flags, _scope, index = _IFADDRMSG.unpack_from(body, 0)
     if family != AF_INET:
         return None
     attrs = _nlattrs(body, _IFADDRMSG.size, len(body))
     local = _ipv4(body, attrs.get(IFA_LOCAL)) or _ipv4(body, attrs.get(IFA_ADDRESS))
     if local is None:
         return None
-    return index, ipaddress.IPv4Interface(f"{local}/{prefixlen}")
+    return index, ipaddress.IPv4Interface(f"{local}/{prefixlen}"), bool(flags & IFA_F_SECONDARY)
 
 
 def _parse_route(body: bytes) -> Route | None:
@@ -293,7 +300,8 @@ class RtnlReader:
         for body in self.dump("links", RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
             yield _parse_link(body)
 
-    def addresses(self) -> Iterator[tuple[int, ipaddress.IPv4Interface]]:
+    def addresses(self) -> Iterator[tuple[int, ipaddress.IPv4Interface, bool]]:
+        """(link index, address, is secondary) for every IPv4 address."""
         for body in self.dump("addresses", RTM_GETADDR, _IFADDRMSG.pack(AF_INET, 0, 0, 0, 0)):
             parsed = _parse_address(body)
             if parsed is not None:
@@ -355,8 +363,10 @@ class Netlink:
         try:
             for link in self._reader.links():
                 snapshot.links[link.name] = link
-            for index, interface in self._reader.addresses():
+            for index, interface, secondary in self._reader.addresses():
                 snapshot.addresses.setdefault(index, []).append(interface)
+                if secondary:
+                    snapshot.secondaries.add((index, interface))
             if routes:
                 snapshot.routes = list(self._reader.routes())
         except OSError as err:
@@ -432,8 +442,14 @@ class Netlink:
                    address=str(interface.ip), prefixlen=interface.network.prefixlen)
 
     def delete_address(self, name: str, interface: ipaddress.IPv4Interface) -> None:
-        self._call(f"delete address {interface} from {name}", "addr", "del", index=self.index_of(name),
-                   address=str(interface.ip), prefixlen=interface.network.prefixlen)
+        """Remove an address; one already gone (the kernel drops secondaries with their primary) is fine."""
+        ipr = self.ipr
+        try:
+            ipr.addr("del", index=self.index_of(name), address=str(interface.ip),
+                     prefixlen=interface.network.prefixlen)
+        except self._netlink_error as err:
+            if getattr(err, "code", None) != errno.EADDRNOTAVAIL:
+                raise CommandError(f"netlink: delete address {interface} from {name}: {err}") from None
 
     def replace_route(self, dst: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address, device: str) -> None:
         """`ip route replace DST via GW dev DEVICE`: idempotent, and errors are raised, not swallowed."""
@@ -556,20 +572,28 @@ def plan_addresses(plan: ChangePlan, nl: Netlink, snapshot: Snapshot, name: str,
     """Make a link's IPv4 addresses exactly `desired`: stale ones are removed, missing ones added.
 
     `fresh` means the link is (re)created by an earlier step and so starts with none.
-    Returns the stale addresses the plan removes (routes through them go with them).
+    Removing a stale primary address makes the kernel drop the secondaries of its subnet
+    (unless promote_secondaries is set), so a desired address that is such a secondary is
+    removed and added again. Returns the addresses removed (routes through them go too).
     """
     live = snapshot.addresses_of(name)
     current = [] if fresh else live
     stale = [interface for interface in current if interface not in desired]
+    stale_primaries = [interface for interface in stale if not snapshot.is_secondary(name, interface)]
+    entangled = [interface for interface in current
+                 if interface in desired and snapshot.is_secondary(name, interface)
+                 and any(primary.network == interface.network for primary in stale_primaries)]
     missing = [interface for interface in desired if interface not in current]
     if not stale and not missing:
         return []
+    removed = stale + entangled
+    added = missing + entangled
 
     def apply() -> None:
-        for interface in stale:
+        for interface in removed:
             nl.delete_address(name, interface)
-        for interface in missing:
+        for interface in added:
             nl.add_address(name, interface)
     plan.add(f"addresses {name}", "update" if live else "create",
              sorted(str(i) for i in live) or None, [str(i) for i in desired], apply)
-    return stale
+    return removed

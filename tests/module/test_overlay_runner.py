@@ -289,3 +289,19 @@ def test_vni_used_by_a_foreign_vxlan_link_fails_before_any_change(runner: Netns)
     assert result["failed"] and result["field"] == "vni_base"
     assert "already used by vxother" in result["msg"]
     assert kernel_state(runner) == before
+
+
+def test_a_stale_primary_address_does_not_take_the_gateway_with_it(runner: Netns) -> None:
+    """The gateway as a secondary behind a stale primary of the same subnet: the kernel would drop
+    it with that primary, so the module re-adds it, and the route through it."""
+    runner_run(runner, args())
+    runner.sh("sysctl -qw net.ipv4.conf.kohaku-overlay.promote_secondaries=0"
+              " && ip addr del 10.1.0.1/16 dev kohaku-overlay"
+              " && ip addr add 10.1.0.9/16 dev kohaku-overlay && ip addr add 10.1.0.1/16 dev kohaku-overlay"
+              " && ip route replace 10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay")
+    assert "secondary" in runner.sh("ip addr show dev kohaku-overlay to 10.1.0.1")
+    result = runner_run(runner, args())
+    assert {"update addresses kohaku-overlay", "update route 10.0.0.0/8"} <= set(result["changes"])
+    assert addresses(runner, "kohaku-overlay") == ["10.1.0.1/16"]
+    assert overlay_routes(runner)[0].startswith("10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay")
+    assert not runner_run(runner, args())["changed"]
