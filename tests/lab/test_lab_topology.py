@@ -42,7 +42,7 @@ def test_overlay_topology_is_the_kohakuriver_lab() -> None:
     lab = lab_topology.load(OVERLAY)
     assert lab.name == "overlay"
     assert lab.groups == {"overlay_hub": ["hub"], "overlay_runners": ["runner1", "runner2"],
-                          "outside": ["outside"]}
+                          "internet": ["outside"]}
     assert {name: str(node.addresses["underlay"]) for name, node in lab.nodes.items()} == {
         "hub": "192.0.2.10", "runner1": "192.0.2.11", "runner2": "192.0.2.12", "outside": "192.0.2.254"}
     assert [name for name, node in lab.nodes.items() if node.docker] == ["runner1", "runner2"]

@@ -32,4 +32,4 @@ def test_runner_of_finds_entry_or_says_who_is_missing() -> None:
 
 
 def test_filters_are_registered() -> None:
-    assert set(FilterModule().filters()) == {"netloom_overlay_runners", "netloom_runner_of"}
+    assert {"netloom_overlay_runners", "netloom_runner_of"} <= set(FilterModule().filters())
