@@ -177,16 +177,7 @@ import re
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import (
-    ChangePlan,
-    CommandError,
-    InputError,
-    finish,
-    guarded,
-    ifname,
-    ipv4_address,
-    port,
-)
+from ansible.module_utils.netloom.common import CommandError, InputError, ifname, ipv4_address, port
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 from ansible.module_utils.netloom.netlink import (
@@ -198,12 +189,12 @@ from ansible.module_utils.netloom.netlink import (
     check_vni_free,
     describe_link,
     dummy_supported,
-    missing_pyroute2,
     overlay_mtu,
     plan_addresses,
     plan_vxlan,
     underlay_link,
 )
+from ansible.module_utils.netloom.overlay import OverlayManager, overlay_options, run_with_netlink
 from ansible.module_utils.netloom.plan import (
     AddressPlan,
     ResolvedRunner,
@@ -218,14 +209,11 @@ from ansible.module_utils.netloom.sysctl import plan_sysctls, write_file_atomica
 HUB_CHAIN = "NETLOOM-OVLHUB-FWD"
 
 
-class OverlayHub:
+class OverlayHub(OverlayManager):
     """Validate, read links/addresses/iptables/state file once, plan every change, let `finish` run it."""
 
     def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
-        self.module = module
-        self.params = module.params
-        self.nl = nl
-        self.plan = ChangePlan()
+        super().__init__(module, nl)
         self.anchor: dict[str, Any] = {"name": self.params["anchor_name"]}
 
     # ---- input ----
@@ -245,9 +233,7 @@ class OverlayHub:
             self.address_plan = (AddressPlan.from_value(params["plan"])
                                  if params["plan"] is not None else None)
             return
-        for required in ("plan", "underlay_ip"):
-            if params[required] in (None, ""):
-                raise InputError(required, params[required], "is required with state=present")
+        self.require_for_present("plan", "underlay_ip")
         self.address_plan = AddressPlan.from_value(params["plan"])
         ifname("link_prefix", f"{prefix}{self.address_plan.max_runner_id}")
         self.port = port("port", params["port"])
@@ -284,15 +270,8 @@ class OverlayHub:
 
     # ---- planning ----
 
-    def run(self) -> None:
-        self.validate()
-        snapshot = self.nl.dump()
-        if self.params["state"] == "absent":
-            self.plan_absent(snapshot)
-            finish(self.module, self.plan, anchor=self.anchor)
-            return
-        result = self.plan_present(snapshot)
-        finish(self.module, self.plan, anchor=self.anchor, **result)
+    def always_returned(self) -> dict[str, Any]:
+        return {"anchor": self.anchor}
 
     def plan_present(self, snapshot: Snapshot) -> dict[str, Any]:
         params = self.params
@@ -449,12 +428,7 @@ class OverlayHub:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
-            "plan": {"type": "raw"},
-            "vni_base": {"type": "int", "default": 100},
-            "port": {"type": "int", "default": 4789},
-            "underlay_ip": {"type": "str"},
-            "mtu": {"type": "int"},
+            **overlay_options("state", "plan", "vni_base", "port", "underlay_ip", "mtu"),
             "anchor_name": {"type": "str", "default": "kohaku-host"},
             "link_prefix": {"type": "str", "default": "vxkr"},
             "runners": {"type": "list", "elements": "dict", "default": [], "options": {
@@ -464,15 +438,11 @@ def main() -> None:
             }},
             "purge": {"type": "bool", "default": True},
             "state_file": {"type": "path", "default": "/var/lib/netloom/overlay/runners.json"},
-            "firewalld": {"type": "str", "choices": ["auto", "never"], "default": "auto"},
+            **overlay_options("firewalld"),
         },
         supports_check_mode=True,
     )
-    missing = missing_pyroute2()
-    if missing:
-        module.fail_json(msg=missing)
-    with Netlink() as nl:
-        guarded(module, OverlayHub(module, nl).run)
+    run_with_netlink(module, OverlayHub)
 
 
 if __name__ == "__main__":

@@ -145,30 +145,20 @@ import ipaddress
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import (
-    ChangePlan,
-    CommandError,
-    InputError,
-    finish,
-    guarded,
-    ifname,
-    ipv4_address,
-    port,
-)
+from ansible.module_utils.netloom.common import CommandError, InputError, ifname, ipv4_address, port
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 from ansible.module_utils.netloom.netlink import (
-    Netlink,
     Snapshot,
     Vxlan,
     check_vni_free,
     describe_link,
-    missing_pyroute2,
     overlay_mtu,
     plan_addresses,
     plan_vxlan,
     underlay_link,
 )
+from ansible.module_utils.netloom.overlay import OverlayManager, overlay_options, run_with_netlink
 from ansible.module_utils.netloom.plan import AddressPlan
 from ansible.module_utils.netloom.sysctl import plan_sysctls
 
@@ -187,14 +177,10 @@ def owned_chains(overlay: str | None) -> list[OwnedChain]:
             OwnedChain("nat", NAT_CHAIN, ("POSTROUTING",), nat)]
 
 
-class OverlayRunner:
+class OverlayRunner(OverlayManager):
     """Validate, read links/addresses/routes/iptables once, plan every change, let `finish` run it."""
 
-    def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
-        self.module = module
-        self.params = module.params
-        self.nl = nl
-        self.plan = ChangePlan()
+    dump_routes = True
 
     def validate(self) -> None:
         """Everything that needs no live state, checked before anything is read."""
@@ -206,9 +192,7 @@ class OverlayRunner:
         self.address_plan = AddressPlan.from_value(params["plan"]) if params["plan"] is not None else None
         if params["state"] == "absent":
             return
-        for required in ("plan", "runner_id", "hub_underlay_ip", "underlay_ip"):
-            if params[required] in (None, ""):
-                raise InputError(required, params[required], "is required with state=present")
+        self.require_for_present("plan", "runner_id", "hub_underlay_ip", "underlay_ip")
         address_plan = AddressPlan.from_value(params["plan"])
         self.runner_id = address_plan.check_runner_id("runner_id", params["runner_id"])
         self.addressing = address_plan.runner(self.runner_id)
@@ -220,15 +204,8 @@ class OverlayRunner:
         if self.hub_ip == self.underlay_ip:
             raise InputError("hub_underlay_ip", str(self.hub_ip), "is this runner's own underlay_ip")
 
-    def run(self) -> None:
-        self.validate()
-        snapshot = self.nl.dump(routes=True)
-        if self.params["state"] == "absent":
-            self.plan_absent(snapshot)
-            finish(self.module, self.plan, bridge=self.bridge, vxlan=self.vxlan)
-            return
-        result = self.plan_present(snapshot)
-        finish(self.module, self.plan, bridge=self.bridge, vxlan=self.vxlan, **result)
+    def always_returned(self) -> dict[str, Any]:
+        return {"bridge": self.bridge, "vxlan": self.vxlan}
 
     def plan_present(self, snapshot: Snapshot) -> dict[str, Any]:
         addressing = self.addressing
@@ -328,25 +305,17 @@ class OverlayRunner:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
-            "plan": {"type": "raw"},
+            **overlay_options("state", "plan"),
             "runner_id": {"type": "int"},
             "hub_underlay_ip": {"type": "str"},
-            "underlay_ip": {"type": "str"},
-            "vni_base": {"type": "int", "default": 100},
-            "port": {"type": "int", "default": 4789},
-            "mtu": {"type": "int"},
+            **overlay_options("underlay_ip", "vni_base", "port", "mtu"),
             "vxlan_name": {"type": "str", "default": "vxlan0"},
             "bridge_name": {"type": "str", "default": "kohaku-overlay"},
-            "firewalld": {"type": "str", "choices": ["auto", "never"], "default": "auto"},
+            **overlay_options("firewalld"),
         },
         supports_check_mode=True,
     )
-    missing = missing_pyroute2()
-    if missing:
-        module.fail_json(msg=missing)
-    with Netlink() as nl:
-        guarded(module, OverlayRunner(module, nl).run)
+    run_with_netlink(module, OverlayRunner)
 
 
 if __name__ == "__main__":
