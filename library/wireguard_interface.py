@@ -178,13 +178,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom.common import (
     ChangePlan,
     CommandError,
     InputError,
     finish,
-    guarded,
     ifname,
     int_range,
     port,
@@ -192,6 +191,8 @@ from ansible.module_utils.netloom.common import (
 from ansible.module_utils.netloom.wireguard import (
     DeviceState,
     InterfaceSpec,
+    IPRoute,
+    NetlinkError,
     PeerSpec,
     WgQuickUnit,
     WgTool,
@@ -203,6 +204,7 @@ from ansible.module_utils.netloom.wireguard import (
     remove_file,
     render_config,
     resolve_endpoint,
+    run_with_iproute,
     sorted_networks,
     start_userspace,
     stop_userspace,
@@ -211,13 +213,6 @@ from ansible.module_utils.netloom.wireguard import (
     wg_key,
     write_private_file,
 )
-
-try:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-    PYROUTE2_ERROR = None
-except ImportError as import_error:  # pragma: no cover - depends on the node
-    PYROUTE2_ERROR = import_error
 
 EOPNOTSUPP = 95
 IFF_UP = 0x1
@@ -592,17 +587,7 @@ class WireguardInterface:
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    if PYROUTE2_ERROR is not None:
-        module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(PYROUTE2_ERROR))
-
-    def body() -> None:
-        try:
-            with IPRoute() as ipr:
-                WireguardInterface(module, ipr).run()
-        except NetlinkError as err:
-            raise CommandError(f"netlink request failed: {err}") from None
-
-    guarded(module, body)
+    run_with_iproute(module, WireguardInterface)
 
 
 if __name__ == "__main__":

@@ -120,26 +120,24 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom.common import (
     ChangePlan,
     CommandError,
     InputError,
     finish,
-    guarded,
     ifname,
     ipv4_address,
     ipv4_network,
 )
 from ansible.module_utils.netloom.wgroutes import NETLOOM_ROUTE_PROTO, Verdict, classify, forbidden_reason
-from ansible.module_utils.netloom.wireguard import WgTool, network_sort_key
-
-try:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-    PYROUTE2_ERROR = None
-except ImportError as import_error:  # pragma: no cover - depends on the node
-    PYROUTE2_ERROR = import_error
+from ansible.module_utils.netloom.wireguard import (
+    IPRoute,
+    NetlinkError,
+    WgTool,
+    network_sort_key,
+    run_with_iproute,
+)
 
 MAIN_TABLE = 254
 SCOPE_LINK = 253
@@ -337,17 +335,7 @@ class WireguardRoutes:
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    if PYROUTE2_ERROR is not None:
-        module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(PYROUTE2_ERROR))
-
-    def body() -> None:
-        try:
-            with IPRoute() as ipr:
-                WireguardRoutes(module, ipr).run()
-        except NetlinkError as err:
-            raise CommandError(f"netlink request failed: {err}") from None
-
-    guarded(module, body)
+    run_with_iproute(module, WireguardRoutes)
 
 
 if __name__ == "__main__":
