@@ -1,16 +1,17 @@
 """overlay_hub run as Ansible runs it (one process, args file) inside throwaway network namespaces."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.netns import ROOT, Netns, run_module
+from tests.support.kernel_view import addresses, kernel_state, links, vxlan
+from tests.support.netns import Netns, run_module, run_module_ok, run_module_utils
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -39,37 +40,7 @@ def args(ns: Netns, runners: list[dict[str, Any]] | None = None, **extra: Any) -
     return base
 
 
-def hub_run(ns: Netns, module_args: dict[str, Any], check_mode: bool = False) -> dict[str, Any]:
-    result = run_module("overlay_hub", module_args, netns=ns.name, check_mode=check_mode, diff=True)
-    assert not result.get("failed"), result.get("msg")
-    return result
-
-
-def links(ns: Netns) -> dict[str, dict[str, Any]]:
-    return {link["ifname"]: link for link in json.loads(ns.sh("ip -j -d link show"))}
-
-
-def addresses(ns: Netns, name: str) -> list[str]:
-    data = json.loads(ns.sh(f"ip -j -4 addr show dev {name}"))
-    return [f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"]] if data else []
-
-
-def vxlan(link: dict[str, Any]) -> dict[str, Any]:
-    data = link["linkinfo"]["info_data"]
-    return {"id": data["id"], "remote": data.get("remote"), "local": data.get("local"),
-            "port": data["port"], "learning": data.get("learning")}
-
-
-def kernel_state(ns: Netns) -> str:
-    """Everything the module could touch (timers left out), to prove that a run changed nothing."""
-    summary = []
-    for name, link in sorted(links(ns).items()):
-        kind = link.get("linkinfo", {}).get("info_kind", "")
-        # Admin state only: carrier flags of a fresh veth settle asynchronously.
-        summary.append(f"{name} {link['ifindex']} {kind} {link['mtu']} {'UP' in link['flags']} "
-                       f"{link.get('master')} {vxlan(link) if kind == 'vxlan' else ''}")
-    return "\n".join([*summary, ns.sh("ip -4 addr show"), ns.sh("iptables -S"), ns.sh("iptables -t nat -S"),
-                      ns.sh("sysctl -n net.ipv4.ip_forward")])
+hub_run = functools.partial(run_module_ok, "overlay_hub")
 
 
 def test_create_check_diff_and_idempotence(hub: Netns) -> None:
@@ -286,8 +257,6 @@ def test_bad_input_fails_before_any_change(hub: Netns, overrides: dict[str, Any]
 
 DUMP_SNAPSHOT = """
 import json, sys
-import ansible.module_utils
-ansible.module_utils.__path__.append(sys.argv[1])
 from ansible.module_utils.netloom.netlink import Netlink
 with Netlink() as nl:
     snap = nl.dump(routes=True)
@@ -308,8 +277,7 @@ def test_netlink_dump_reads_what_ip_reports(hub: Netns) -> None:
            " && ip link add br9 mtu 1400 type bridge && ip link set vxl master br9 && ip link set br9 up"
            " && ip addr add 10.9.0.1/16 dev br9 && ip addr add 10.9.0.7/24 dev br9"
            " && ip route add 10.200.0.0/16 via 10.9.0.254 metric 7")
-    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
-    got = json.loads(hub.sh(f"{python} -c '{DUMP_SNAPSHOT}' {ROOT / 'module_utils'}"))
+    got = run_module_utils(hub, DUMP_SNAPSHOT)
     assert not got["pyroute2_imported"]
     live = links(hub)
     assert set(got["links"]) == set(live)

@@ -1,16 +1,17 @@
 """overlay_runner run as Ansible runs it, inside throwaway network namespaces; plus hub+runners traffic."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.netns import ROOT, Netns, run_module, sh
+from tests.support.kernel_view import addresses, kernel_state, links, vxlan
+from tests.support.netns import Netns, run_module, run_module_ok, run_module_utils, sh
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -35,52 +36,22 @@ def args(**extra: Any) -> dict[str, Any]:
     return base
 
 
-def runner_run(ns: Netns, module_args: dict[str, Any], check_mode: bool = False) -> dict[str, Any]:
-    result = run_module("overlay_runner", module_args, netns=ns.name, check_mode=check_mode, diff=True)
-    assert not result.get("failed"), result.get("msg")
-    return result
-
-
-def links(ns: Netns) -> dict[str, dict[str, Any]]:
-    return {link["ifname"]: link for link in json.loads(ns.sh("ip -j -d link show"))}
-
-
-def addresses(ns: Netns, name: str) -> list[str]:
-    data = json.loads(ns.sh(f"ip -j -4 addr show dev {name}"))
-    return [f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"]] if data else []
+runner_run = functools.partial(run_module_ok, "overlay_runner")
 
 
 def overlay_routes(ns: Netns) -> list[str]:
     return [line.strip() for line in ns.sh("ip route show 10.0.0.0/8").splitlines()]
 
 
-def vxlan(link: dict[str, Any]) -> dict[str, Any]:
-    data = link["linkinfo"]["info_data"]
-    return {"id": data["id"], "remote": data.get("remote"), "local": data.get("local"),
-            "port": data["port"], "learning": data.get("learning")}
-
-
-def kernel_state(ns: Netns) -> str:
-    """Everything the module could touch (timers left out), to prove that a run changed nothing."""
-    summary = []
-    for name, link in sorted(links(ns).items()):
-        kind = link.get("linkinfo", {}).get("info_kind", "")
-        # Admin state only: carrier flags of a fresh veth settle asynchronously.
-        summary.append(f"{name} {link['ifindex']} {kind} {link['mtu']} {'UP' in link['flags']} "
-                       f"{link.get('master')} {vxlan(link) if kind == 'vxlan' else ''}")
-    return "\n".join([*summary, ns.sh("ip -4 addr show"), ns.sh("ip route"), ns.sh("iptables -S"),
-                      ns.sh("iptables -t nat -S"), ns.sh("sysctl -n net.ipv4.ip_forward")])
-
-
 def test_create_check_diff_and_idempotence(runner: Netns) -> None:
-    untouched = kernel_state(runner)
+    untouched = kernel_state(runner, routes=True)
     preview = runner_run(runner, args(), check_mode=True)
     assert preview["changed"]
     assert preview["diff"]["after"]["link vxlan0"] == {
         "kind": "vxlan", "mtu": 1450, "up": True, "vni": 101, "local": "192.0.2.11", "remote": "192.0.2.1",
         "port": 4789, "learning": False, "master": "kohaku-overlay"}
     assert preview["diff"]["after"]["route 10.0.0.0/8"] == "10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay"
-    assert kernel_state(runner) == untouched
+    assert kernel_state(runner, routes=True) == untouched
 
     result = runner_run(runner, args())
     assert result["changes"] == preview["changes"]
@@ -102,10 +73,10 @@ def test_create_check_diff_and_idempotence(runner: Netns) -> None:
                                 "workloads": {"first": "10.1.0.2", "last": "10.1.255.254", "count": 65532}}
     assert result["mtu"] == 1450
 
-    converged = kernel_state(runner)
+    converged = kernel_state(runner, routes=True)
     assert not runner_run(runner, args())["changed"]
     assert not runner_run(runner, args(), check_mode=True)["changed"]
-    assert kernel_state(runner) == converged
+    assert kernel_state(runner, routes=True) == converged
 
 
 def test_drift_is_repaired_without_touching_the_bridge_or_its_ports(runner: Netns) -> None:
@@ -118,14 +89,14 @@ def test_drift_is_repaired_without_touching_the_bridge_or_its_ports(runner: Netn
     runner.sh("ip route del 10.0.0.0/8")
     runner.sh("ip link set kohaku-overlay mtu 1400")
     runner.sh("iptables -t nat -F NETLOOM-OVLRUN-NAT")
-    drifted = kernel_state(runner)
+    drifted = kernel_state(runner, routes=True)
 
     preview = runner_run(runner, args(), check_mode=True)
     assert set(preview["changes"]) == {
         "update link kohaku-overlay", "update link vxlan0", "update addresses kohaku-overlay",
         "create route 10.0.0.0/8", "update iptables nat NETLOOM-OVLRUN-NAT"}
     assert preview["diff"]["before"]["link vxlan0"]["remote"] == "192.0.2.99"
-    assert kernel_state(runner) == drifted
+    assert kernel_state(runner, routes=True) == drifted
 
     repaired = runner_run(runner, args())
     assert repaired["changes"] == preview["changes"]
@@ -188,10 +159,10 @@ def test_absent_keeps_a_bridge_with_foreign_ports_and_foreign_things(runner: Net
 
 def test_foreign_link_named_like_the_bridge_is_not_replaced(runner: Netns) -> None:
     runner.sh("ip link add kohaku-overlay type veth peer name ko-peer")
-    before = kernel_state(runner)
+    before = kernel_state(runner, routes=True)
     result = run_module("overlay_runner", args(), netns=runner.name)
     assert result["failed"] and "not a bridge" in result["msg"]
-    assert kernel_state(runner) == before
+    assert kernel_state(runner, routes=True) == before
 
 
 @pytest.mark.parametrize("overrides, field, fragment", [
@@ -211,12 +182,12 @@ def test_foreign_link_named_like_the_bridge_is_not_replaced(runner: Netns) -> No
 ])
 def test_bad_input_fails_before_any_change(runner: Netns, overrides: dict[str, Any], field: str,
                                            fragment: str) -> None:
-    before = kernel_state(runner)
+    before = kernel_state(runner, routes=True)
     result = run_module("overlay_runner", args(**overrides), netns=runner.name)
     assert result.get("failed"), result
     assert result["field"] == field
     assert fragment in result["msg"]
-    assert kernel_state(runner) == before
+    assert kernel_state(runner, routes=True) == before
 
 
 def test_underlay_mtu_sets_the_default(runner: Netns) -> None:
@@ -257,9 +228,7 @@ def test_hub_and_two_runners_carry_traffic(tmp_path: pathlib.Path) -> None:
 
 
 ROUTE_REPLACE = """
-import ipaddress, json, sys
-import ansible.module_utils
-ansible.module_utils.__path__.append(sys.argv[1])
+import ipaddress, json
 from ansible.module_utils.netloom.common import CommandError
 from ansible.module_utils.netloom.netlink import Netlink
 with Netlink() as nl:
@@ -275,8 +244,7 @@ with Netlink() as nl:
 
 def test_route_errors_are_raised_not_swallowed(runner: Netns) -> None:
     """The reference system ignored a failed `ip route add`; the seam turns it into a module failure."""
-    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
-    got = json.loads(runner.sh(f"{python} -c '{ROUTE_REPLACE}' {ROOT / 'module_utils'}"))
+    got = run_module_utils(runner, ROUTE_REPLACE)
     assert got["error"] and "replace route 10.0.0.0/8 via 10.1.0.254 dev u0" in got["error"]
     assert "unreachable" in got["error"].lower()
     assert overlay_routes(runner) == []
@@ -284,11 +252,11 @@ def test_route_errors_are_raised_not_swallowed(runner: Netns) -> None:
 
 def test_vni_used_by_a_foreign_vxlan_link_fails_before_any_change(runner: Netns) -> None:
     runner.sh("ip link add vxother type vxlan id 101 remote 192.0.2.50 dstport 4789")
-    before = kernel_state(runner)
+    before = kernel_state(runner, routes=True)
     result = run_module("overlay_runner", args(), netns=runner.name)
     assert result["failed"] and result["field"] == "vni_base"
     assert "already used by vxother" in result["msg"]
-    assert kernel_state(runner) == before
+    assert kernel_state(runner, routes=True) == before
 
 
 def test_a_stale_primary_address_does_not_take_the_gateway_with_it(runner: Netns) -> None:

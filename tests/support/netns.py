@@ -12,6 +12,17 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "tests" / "support" / "run_module.py"
+# Prepended to every run_module_utils script: netloom's module_utils, passed as sys.argv[1],
+# become importable as ansible.module_utils.netloom, as Ansible's module packaging makes them.
+MODULE_UTILS_ON_PATH = """import sys
+import ansible.module_utils
+ansible.module_utils.__path__.append(sys.argv[1])
+"""
+
+
+def node_python() -> str:
+    """The interpreter modules run with: NETLOOM_MODULE_PYTHON (e.g. the node's Python), else this one."""
+    return os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
 
 
 def sh(cmd: str, netns: str | None = None, check: bool = True) -> str:
@@ -56,8 +67,7 @@ def run_module(name: str, args: dict[str, Any], netns: str | None = None,
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump({"ANSIBLE_MODULE_ARGS": payload}, handle)
         args_file = handle.name
-    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
-    argv = [python, str(RUNNER), str(ROOT / "library" / f"{name}.py"), args_file]
+    argv = [node_python(), str(RUNNER), str(ROOT / "library" / f"{name}.py"), args_file]
     if netns:
         argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
     try:
@@ -70,3 +80,22 @@ def run_module(name: str, args: dict[str, Any], netns: str | None = None,
         raise AssertionError(f"module {name} printed no JSON: rc={proc.returncode} "
                              f"stdout={proc.stdout!r} stderr={proc.stderr!r}") from None
     return result
+
+
+def run_module_ok(name: str, ns: Netns, args: dict[str, Any], check_mode: bool = False) -> dict[str, Any]:
+    """run_module inside `ns` with diff on, for a run that must succeed."""
+    result = run_module(name, args, netns=ns.name, check_mode=check_mode, diff=True)
+    assert not result.get("failed"), result.get("msg")
+    return result
+
+
+def run_module_utils(ns: Netns, script: str, *args: str) -> Any:
+    """Run a Python script that uses netloom's module_utils inside `ns` with the modules' interpreter.
+
+    The script's own arguments start at sys.argv[2]; it prints one JSON document, returned parsed.
+    """
+    proc = subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", node_python(), "-c",
+                           MODULE_UTILS_ON_PATH + script, str(ROOT / "module_utils"), *args],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
