@@ -17,19 +17,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.foreign_rules import DOCKER_NAT_RULES, add_foreign_rules
 from tests.support.netns import Netns, run_module
 
 pytestmark = [pytest.mark.netns]
 
-FOREIGN = """*nat
-:DOCKER - [0:0]
--A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
--A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
--A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
--A DOCKER -i docker0 -j RETURN
--A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
-COMMIT
-*raw
+FOREIGN = DOCKER_NAT_RULES + """*raw
 -A PREROUTING -i othn0 -p udp -m udp --dport 4789 -j NOTRACK
 COMMIT
 """
@@ -85,7 +78,7 @@ def lab(tmp_path: pathlib.Path) -> Iterator[Lab]:
         client.sh("ip addr add 10.88.1.2/16 dev esbc0 && ip link set esbc0 up")
         outsider.sh("ip addr add 10.77.0.2/24 dev othc0 && ip link set othc0 up && "
                     "ip route add 10.88.0.0/16 via 10.77.0.1")
-        node.sh(f"printf '%s' '{FOREIGN}' | iptables-restore --noflush")
+        add_foreign_rules(node, FOREIGN)
         yield Lab(node, client, outsider, tmp_path / "90-netloom-dnat.conf")
 
 

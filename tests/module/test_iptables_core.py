@@ -8,22 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.netns import ROOT, Netns
+from tests.support.foreign_rules import DOCKER_NAT_RULES, add_foreign_rules
+from tests.support.netns import Netns, run_module_utils
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
 
 CALL_CORE = """
 import json, sys
-import ansible.module_utils
-ansible.module_utils.__path__.append(sys.argv[1])
 from ansible.module_utils.netloom.common import CommandError
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 request = json.loads(sys.argv[2])
@@ -56,24 +53,11 @@ FOREIGN = """*filter
 -A DOCKER-USER -j RETURN
 -A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j RETURN
 COMMIT
-*nat
-:DOCKER - [0:0]
--A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
--A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
--A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
--A DOCKER -i docker0 -j RETURN
--A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
-COMMIT
-"""
+""" + DOCKER_NAT_RULES
 
 
 def core(ns: Netns, chains: list[dict[str, Any]], state: str = "present") -> dict[str, Any]:
-    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
-    request = json.dumps({"chains": chains, "state": state})
-    proc = subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", python, "-c", CALL_CORE,
-                           str(ROOT / "module_utils"), request], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return run_module_utils(ns, CALL_CORE, json.dumps({"chains": chains, "state": state}))
 
 
 def saved(ns: Netns) -> str:
@@ -96,7 +80,7 @@ def chain_rules(ns: Netns, table: str, chain: str) -> list[str]:
 @pytest.fixture
 def ns() -> Iterator[Netns]:
     with Netns("nlipt") as namespace:
-        namespace.sh(f"printf '%s' '{FOREIGN}' | iptables-restore --noflush")
+        add_foreign_rules(namespace, FOREIGN)
         yield namespace
 
 

@@ -4,22 +4,18 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.netns import ROOT, Netns
+from tests.support.netns import Netns, run_module_utils
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
 
 CALL_CORE = """
 import json, sys
-import ansible.module_utils
-ansible.module_utils.__path__.append(sys.argv[1])
 from ansible.module_utils.netloom.common import InputError
 from ansible.module_utils.netloom.sysctl import plan_sysctls
 request = json.loads(sys.argv[2])
@@ -34,12 +30,7 @@ else:
 
 
 def core(ns: Netns, values: dict[str, Any], persist_file: str | None) -> dict[str, Any]:
-    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
-    request = json.dumps({"values": values, "persist_file": persist_file})
-    proc = subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", python, "-c", CALL_CORE,
-                           str(ROOT / "module_utils"), request], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return run_module_utils(ns, CALL_CORE, json.dumps({"values": values, "persist_file": persist_file}))
 
 
 @pytest.fixture

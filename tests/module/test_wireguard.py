@@ -23,7 +23,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 import pytest
 from ansible.module_utils.netloom.wireguard import DeviceState, parse_dump
 
-from tests.support.netns import Netns, run_module
+from tests.support.netns import Netns, node_python, run_module
 
 pytestmark = [
     pytest.mark.netns,
@@ -198,7 +197,7 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     # private mount above it (as `ip netns` does for /run/netns).
     subprocess.run(["mount", "--bind", str(mounts), str(mounts)], check=True)
     subprocess.run(["mount", "--make-private", str(mounts)], check=True)
-    python = os.environ.get("NETLOOM_MODULE_PYTHON", sys.executable)
+    python = node_python()
     wrapper = tmp_path / "node-python"
     wrapper.write_text("#!/bin/sh\n"
                        f'exec nsenter --mount={shlex.quote(str(mounts))}/"$(ip netns identify)" -- '
