@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import pathlib
 import re
-import subprocess
 import sys
-import uuid
 
 import pytest
-import testinfra
 
-INVENTORY = str(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
-SCENARIO = pathlib.Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
-IMAGE = "netloom-lab/busybox:latest"
+# The verifiers' shared helpers live in molecule/shared (see labtest.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+pytest.register_assert_rewrite("labtest")
+from labtest import HttpContainer, converge_in_check_mode, node, node_fixture
+
 CA = "/etc/docker/certs.d/10.99.0.1:5010/ca.crt"
 
 # Sends one hand-made TCP SYN out of an interface to a given MAC and IP (what a neighbour
@@ -70,48 +68,19 @@ while time.time() < deadline and answer == "none":
 print(answer)
 '''
 
-
-def node(name: str) -> testinfra.host.Host:
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
-
-
-@pytest.fixture(scope="module")
-def control():
-    return node("control")
+control = node_fixture("control")
+compute1 = node_fixture("compute1")
+adjacent = node_fixture("adjacent")
 
 
-@pytest.fixture(scope="module")
-def compute1():
-    return node("compute1")
-
-
-@pytest.fixture(scope="module")
-def adjacent():
-    return node("adjacent")
-
-
-class Worker:
-    """A busybox container on a compute node's worker network, serving :8080; removed afterwards."""
-
-    def __init__(self, host, network: str = "esb-workers") -> None:
-        self.host = host
-        self.name = f"nltest-{uuid.uuid4().hex[:6]}"
-        host.check_output(
-            f"docker run -d --name {self.name} --network {network} {IMAGE} "
-            "sh -c 'echo worker-ok > /tmp/index.html; httpd -f -p 8080 -h /tmp'")
-        template = f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}'
-        self.ip = host.check_output(f"docker inspect -f '{template}' {self.name}")
-
-    def run(self, command: str):
-        return self.host.run(f"docker exec {self.name} {command}")
-
-    def remove(self) -> None:
-        self.host.run(f"docker rm -f {self.name}")
+def start_worker(host, network: str = "esb-workers") -> HttpContainer:
+    """A busybox container on a compute node's worker network, serving :8080; the caller removes it."""
+    return HttpContainer(host, network, "worker-ok")
 
 
 @pytest.fixture(scope="module")
 def worker1(compute1):
-    worker = Worker(compute1)
+    worker = start_worker(compute1)
     yield worker
     worker.remove()
 
@@ -119,7 +88,7 @@ def worker1(compute1):
 @pytest.mark.parametrize("compute_name,index", [("compute1", 1), ("compute2", 2)])
 def test_worker_reaches_control_services_through_dnat_and_local_proxy(compute_name, index):
     host = node(compute_name)
-    worker = Worker(host)
+    worker = start_worker(host)
     try:
         assert worker.ip.startswith(f"10.88.{index}."), worker.ip
         for port, service in ((9000, "s3-storage"), (8001, "database"), (9428, "victorialogs")):
@@ -205,10 +174,7 @@ def test_adjacent_host_cannot_reach_a_loopback_service_of_the_compute_node(adjac
 
 def test_check_mode_after_converge_reports_no_change():
     """--check --diff of the converge playbook: every host's recap says changed=0."""
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    playbook = pathlib.Path(sys.executable).parent / "ansible-playbook"
-    argv = [str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
+    proc = converge_in_check_mode()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     recap = dict(re.findall(r"^(\S+)\s+:\s+ok=\d+\s+changed=(\d+)", proc.stdout, re.MULTILINE))
     assert set(recap) >= {"control", "compute1", "compute2"}, proc.stdout[-4000:]

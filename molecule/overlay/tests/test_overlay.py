@@ -6,40 +6,23 @@ them, so every assertion here also proves the repair.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import subprocess
 import sys
-import uuid
 
 import pytest
-import testinfra
 
-INVENTORY = str(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
-SCENARIO = pathlib.Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
-IMAGE = "netloom-lab/busybox:latest"
+# The verifiers' shared helpers live in molecule/shared (see labtest.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+pytest.register_assert_rewrite("labtest")
+from labtest import HttpContainer, converge_in_check_mode, node, node_fixture
+
 OUTSIDE = "198.51.100.10"
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
-
-def node(name: str) -> testinfra.host.Host:
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
-
-
-@pytest.fixture(scope="module")
-def hub():
-    return node("hub")
-
-
-@pytest.fixture(scope="module")
-def runner1():
-    return node("runner1")
-
-
-@pytest.fixture(scope="module")
-def runner2():
-    return node("runner2")
+hub = node_fixture("hub")
+runner1 = node_fixture("runner1")
+runner2 = node_fixture("runner2")
 
 
 def link(host, name: str) -> dict:
@@ -47,37 +30,14 @@ def link(host, name: str) -> dict:
     return json.loads(out)[0]
 
 
-class Workload:
-    """A busybox container on a runner's overlay network, removed afterwards."""
-
-    def __init__(self, host, network: str = "kohakuriver-overlay") -> None:
-        self.host = host
-        self.name = f"nltest-{uuid.uuid4().hex[:6]}"
-        host.check_output(
-            f"docker run -d --name {self.name} --network {network} {IMAGE} "
-            "sh -c 'echo netloom-ok > /tmp/index.html; httpd -f -p 8080 -h /tmp'")
-        template = f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}'
-        self.ip = host.check_output(f"docker inspect -f '{template}' {self.name}")
-
-    def run(self, command: str):
-        return self.host.run(f"docker exec {self.name} {command}")
-
-    def http_get(self, address: str, path: str = "/") -> str:
-        """Body of an HTTP/1.0 GET sent with busybox nc (Debian's static busybox wget crashes)."""
-        request = f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {address} 8080"
-        result = self.host.run(f"docker exec {self.name} sh -c \"{request}\"")
-        assert result.rc == 0, f"GET {address}:8080{path} failed: {result.stderr}"
-        head, _, body = result.stdout.partition("\r\n\r\n")
-        assert head.startswith("HTTP/1."), f"no HTTP reply from {address}: {result.stdout!r}"
-        return body.strip()
-
-    def remove(self) -> None:
-        self.host.run(f"docker rm -f {self.name}")
+def start_workload(host, network: str = "kohakuriver-overlay") -> HttpContainer:
+    """A busybox container on a runner's overlay network; the caller removes it."""
+    return HttpContainer(host, network, "netloom-ok")
 
 
 @pytest.fixture(scope="module")
 def workloads(runner1, runner2):
-    first, second = Workload(runner1), Workload(runner2)
+    first, second = start_workload(runner1), start_workload(runner2)
     yield first, second
     first.remove()
     second.remove()
@@ -143,7 +103,7 @@ def test_container_reaches_outside_through_runner_nat(workloads):
 
 
 def test_default_network_is_isolated_per_runner(runner1):
-    workload = Workload(runner1, network="kohakuriver-net")
+    workload = start_workload(runner1, network="kohakuriver-net")
     try:
         assert workload.ip.startswith("172.30.")
         assert workload.run("ping -c 1 -W 2 172.30.0.1").rc == 0
@@ -152,10 +112,7 @@ def test_default_network_is_isolated_per_runner(runner1):
 
 
 def test_check_mode_after_converge_reports_no_change():
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    playbook = pathlib.Path(sys.executable).parent / "ansible-playbook"
-    argv = [str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
+    proc = converge_in_check_mode()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     recap = {host: (int(changed), int(unreachable), int(failed))
              for host, changed, unreachable, failed in RECAP.findall(proc.stdout)}
