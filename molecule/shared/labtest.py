@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,7 @@ import testinfra
 INVENTORY = str(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
 SCENARIO = pathlib.Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
 IMAGE = "netloom-lab/busybox:latest"
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
 def node(name: str) -> testinfra.host.Host:
@@ -63,9 +65,17 @@ class HttpContainer:
         self.host.run(f"docker rm -f {self.name}")
 
 
-def converge_in_check_mode() -> subprocess.CompletedProcess[str]:
-    """The scenario's converge playbook with --check --diff, in plain text for recap parsing."""
+def assert_check_mode_reports_no_change(hosts: set[str]) -> None:
+    """Run the scenario's converge playbook with --check --diff: every host (at least `hosts`)
+    must end with changed=0, unreachable=0, failed=0 in the recap."""
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
     playbook = pathlib.Path(sys.executable).parent / "ansible-playbook"
     argv = [str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")]
-    return subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    recap = {host: (int(changed), int(unreachable), int(failed))
+             for host, changed, unreachable, failed in RECAP.findall(proc.stdout)}
+    assert hosts <= set(recap), proc.stdout[-4000:]
+    changed = {host: counts for host, counts in recap.items() if counts != (0, 0, 0)}
+    assert not changed, f"check mode after converge reported (changed, unreachable, failed): {changed}\n" \
+        f"{proc.stdout[-6000:]}"

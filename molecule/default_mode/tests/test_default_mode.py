@@ -7,23 +7,17 @@ per-runner network must still work, with Docker NAT as the way out.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import re
-import subprocess
 import sys
 
 import pytest
-import testinfra
 
-INVENTORY = str(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
-SCENARIO = pathlib.Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
-IMAGE = "netloom-lab/busybox:latest"
-RECAP = re.compile(r"^(\S+)\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+# The verifiers' shared helpers live in molecule/shared (see labtest.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+pytest.register_assert_rewrite("labtest")
+from labtest import HttpContainer, assert_check_mode_reports_no_change, node
 
-
-def node(name: str) -> testinfra.host.Host:
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+OUTSIDE = "198.51.100.10"
 
 
 def test_hub_has_no_overlay_left() -> None:
@@ -50,32 +44,17 @@ def test_runner_has_only_the_isolated_network(runner_name: str) -> None:
 
 def test_workload_reaches_its_runner_and_the_outside_through_docker_nat() -> None:
     runner = node("runner1")
-    name = "nltest-default"
-    runner.run(f"docker rm -f {name}")
-    runner.check_output(f"docker run -d --name {name} --network kohakuriver-net {IMAGE} sleep 300")
+    workload = HttpContainer(runner, "kohakuriver-net", "netloom-ok")
     try:
-        template = '{{(index .NetworkSettings.Networks "kohakuriver-net").IPAddress}}'
-        address = runner.check_output(f"docker inspect -f '{template}' {name}")
-        assert address.startswith("172.30.")
-        assert runner.run(f"docker exec {name} ping -c 1 -W 2 172.30.0.1").rc == 0
-        request = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 198.51.100.10 8080"
-        reply = runner.run(f"docker exec {name} sh -c \"{request}\"")
-        assert reply.rc == 0, reply.stderr
-        assert reply.stdout.partition("\r\n\r\n")[2].strip() == "192.0.2.11"
+        assert workload.ip.startswith("172.30.")
+        assert workload.run("ping -c 1 -W 2 172.30.0.1").rc == 0
+        # Docker's own NAT: the outside node sees the runner's underlay address.
+        assert workload.http_get(OUTSIDE) == "192.0.2.11"
         # No overlay: the hub's anchor address is not reachable from a workload.
-        assert runner.run(f"docker exec {name} ping -c 1 -W 2 10.0.0.1").rc != 0
+        assert workload.run("ping -c 1 -W 2 10.0.0.1").rc != 0
     finally:
-        runner.run(f"docker rm -f {name}")
+        workload.remove()
 
 
 def test_check_mode_after_converge_reports_no_change() -> None:
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    playbook = pathlib.Path(sys.executable).parent / "ansible-playbook"
-    argv = [str(playbook), "-i", INVENTORY, "--check", "--diff", str(SCENARIO / "converge.yml")]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    recap = {host: (int(changed), int(unreachable), int(failed))
-             for host, changed, unreachable, failed in RECAP.findall(proc.stdout)}
-    assert {"hub", "runner1", "runner2"} <= set(recap), proc.stdout[-2000:]
-    changed = {host: counts for host, counts in recap.items() if counts != (0, 0, 0)}
-    assert not changed, f"check mode after converge reported changes: {changed}\n{proc.stdout[-4000:]}"
+    assert_check_mode_reports_no_change({"hub", "runner1", "runner2"})
