@@ -25,7 +25,8 @@ description:
   - I(state=absent) stops the unit, removes the interface (and its wireguard-go process), the
     config and the key file.
   - To choose the implementation for a new interface the module creates and at once deletes a
-    probe WireGuard link when the wireguard kernel module is not loaded, also in check mode.
+    probe WireGuard link when the wireguard kernel module is not loaded; in check mode it creates
+    nothing and predicts the answer with C(modprobe -n wireguard).
 options:
   name:
     description: Interface name.
@@ -183,6 +184,7 @@ from ansible.module_utils.netloom.common import (
     ChangePlan,
     CommandError,
     InputError,
+    command_succeeds,
     finish,
     ifname,
     int_range,
@@ -382,9 +384,15 @@ class WireguardInterface:
                                f"(for wireguard-go: is its process running?): {err}") from None
 
     def kernel_wireguard(self) -> bool:
-        """True when `ip link add type wireguard` works here: module loaded, or a probe link succeeds."""
+        """True when `ip link add type wireguard` works here: module loaded, or a probe link succeeds.
+
+        Check mode must not create even a transient link, so there the answer is predicted from
+        whether modprobe could load the module (`modprobe -n`, which loads nothing).
+        """
         if os.path.isdir("/sys/module/wireguard"):
             return True
+        if self.module.check_mode:
+            return command_succeeds(["modprobe", "-n", "-q", "wireguard"])
         probe = f"nlwgprobe{os.getpid() % 100000}"
         try:
             self.ipr.link("add", ifname=probe, kind="wireguard")

@@ -88,6 +88,14 @@ def run_command(argv: list[str], stdin: str | None = None, check: bool = True) -
     return proc.stdout
 
 
+def command_succeeds(argv: list[str]) -> bool:
+    """Whether a probing command exits 0 (a missing program counts as no)."""
+    try:
+        return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
 def finish(module: Any, plan: ChangePlan, **result: Any) -> None:
     """Execute the plan unless in check mode and exit with changed, diff and the steps."""
     if not module.check_mode:

@@ -324,7 +324,17 @@ def test_peers_change_in_place_and_the_other_session_survives(lab: Lab) -> None:
 
 
 def test_check_mode_reports_the_plan_and_changes_nothing(lab: Lab) -> None:
-    fresh = lab.gw.interface(check_mode=True, **gateway_args(new_public_key(lab.gw)))
+    # Not even a transient probe link: watch every link event while check mode runs.
+    monitor = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab.gw.netns.name}", "ip", "monitor", "link"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        fresh = lab.gw.interface(check_mode=True, **gateway_args(new_public_key(lab.gw)))
+        time.sleep(0.3)
+    finally:
+        monitor.terminate()
+    link_events = monitor.communicate(timeout=5)[0]
+    assert link_events == "", f"check mode touched links: {link_events}"
     assert fresh["changed"] and "create wg0 interface" in fresh["changes"]
     assert fresh["public_key"] is None, "a key that would be generated is not reported"
     assert lab.gw.sh("ip link show wg0", check=False).returncode != 0
