@@ -17,7 +17,8 @@ for arg in "$@"; do
   esac
 done
 if [ ${#scenarios[@]} -eq 0 ]; then
-  for dir in molecule/*/; do scenarios+=("$(basename "$dir")"); done
+  # A scenario is a directory with a molecule.yml (molecule/shared holds verifier helpers).
+  for config in molecule/*/molecule.yml; do scenarios+=("$(basename "$(dirname "$config")")"); done
 fi
 
 bash scripts/bootstrap.sh || { echo "bootstrap failed"; exit 1; }
