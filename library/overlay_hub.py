@@ -212,6 +212,9 @@ HUB_CHAIN = "NETLOOM-OVLHUB-FWD"
 class OverlayHub(OverlayManager):
     """Validate, read links/addresses/iptables/state file once, plan every change, let `finish` run it."""
 
+    module_name = "overlay_hub"
+    restore_order = 10
+
     def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
         super().__init__(module, nl)
         self.anchor: dict[str, Any] = {"name": self.params["anchor_name"]}

@@ -180,6 +180,9 @@ def owned_chains(overlay: str | None) -> list[OwnedChain]:
 class OverlayRunner(OverlayManager):
     """Validate, read links/addresses/routes/iptables once, plan every change, let `finish` run it."""
 
+    module_name = "overlay_runner"
+    restore_order = 20
+
     dump_routes = True
 
     def validate(self) -> None:

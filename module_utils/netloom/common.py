@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IFNAME_MAX = 15
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+# What the kernel and every tool netloom feeds a name to accept: no ":" (the kernel refuses
+# it), no "/", no white space or control characters. Matched with fullmatch, never `$`.
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# Addresses that can never be a unicast host on a network: what each is, for the message.
+_NOT_A_HOST = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "in 0.0.0.0/8 (this network)"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "a loopback address (127.0.0.0/8)"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "a link-local address (169.254.0.0/16)"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "a multicast address (224.0.0.0/4)"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "a reserved or broadcast address (240.0.0.0/4)"),
+)
 
 
 class InputError(ValueError):
@@ -43,6 +53,15 @@ class Step:
     run: Callable[[], None] | None = None
 
 
+class PlanFailure(RuntimeError):
+    """A step failed while the plan ran; the steps before it were done and stay done."""
+
+    def __init__(self, step: Step, done: list[Step], cause: BaseException) -> None:
+        super().__init__(f"{step.action} {step.key} failed: {cause}")
+        self.step = step
+        self.done = done
+
+
 @dataclass
 class ChangePlan:
     """Ordered steps; the single source for `changed`, diff and execution."""
@@ -61,9 +80,15 @@ class ChangePlan:
         return bool(self.steps)
 
     def execute(self) -> None:
+        """Run the steps in order; the first failure raises PlanFailure naming what was done."""
+        done: list[Step] = []
         for step in self.steps:
-            if step.run is not None:
-                step.run()
+            try:
+                if step.run is not None:
+                    step.run()
+            except Exception as err:  # any failure ends the run and is reported
+                raise PlanFailure(step, done, err) from err
+            done.append(step)
 
     def summary(self) -> list[str]:
         return [f"{step.action} {step.key}" for step in self.steps]
@@ -97,9 +122,20 @@ def command_succeeds(argv: list[str]) -> bool:
 
 
 def finish(module: Any, plan: ChangePlan, **result: Any) -> None:
-    """Execute the plan unless in check mode and exit with changed, diff and the steps."""
+    """Execute the plan unless in check mode and exit with changed, diff and the steps.
+
+    A step that fails ends the run with fail_json that still says what was changed: `changed`
+    is true when any step before it was done, `changes` lists those steps and `failed_step`
+    names the one that failed, so an operator knows what the node now holds.
+    """
     if not module.check_mode:
-        plan.execute()
+        try:
+            plan.execute()
+        except PlanFailure as err:
+            module.fail_json(msg=str(err), changed=bool(err.done),
+                             changes=[f"{step.action} {step.key}" for step in err.done],
+                             failed_step=f"{err.step.action} {err.step.key}",
+                             planned=plan.summary())
     payload: dict[str, Any] = {"changed": plan.changed, "changes": plan.summary()}
     if module._diff:  # pylint: disable=protected-access
         payload["diff"] = plan.diff()
@@ -126,6 +162,23 @@ def ipv4_address(field_name: str, value: Any) -> ipaddress.IPv4Address:
         raise InputError(field_name, value, "not an IPv4 address") from None
 
 
+def not_a_host_reason(address: ipaddress.IPv4Address) -> str | None:
+    """Why an address cannot be a unicast host (None when it can)."""
+    for network, reason in _NOT_A_HOST:
+        if address in network:
+            return reason
+    return None
+
+
+def unicast_host(field_name: str, value: Any) -> ipaddress.IPv4Address:
+    """An IPv4 address a real host can hold: an underlay address, a VXLAN remote, a peer."""
+    address = ipv4_address(field_name, value)
+    reason = not_a_host_reason(address)
+    if reason:
+        raise InputError(field_name, value, f"cannot be a unicast host address: it is {reason}")
+    return address
+
+
 def ipv4_network(field_name: str, value: Any, strict: bool = True) -> ipaddress.IPv4Network:
     try:
         return ipaddress.IPv4Network(str(value).strip(), strict=strict)
@@ -147,8 +200,8 @@ def ifname(field_name: str, value: Any) -> str:
     text = str(value)
     if not text or len(text) > IFNAME_MAX:
         raise InputError(field_name, value, f"interface names are 1..{IFNAME_MAX} characters")
-    if not _IFNAME_RE.match(text) or text in (".", ".."):
-        raise InputError(field_name, value, "interface names allow letters, digits and _.:- only")
+    if not _IFNAME_RE.fullmatch(text) or text in (".", ".."):
+        raise InputError(field_name, value, "interface names allow letters, digits and _.- only")
     return text
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom.common import ChangePlan, InputError, finish, guarded
 from ansible.module_utils.netloom.netlink import Netlink, Snapshot, missing_pyroute2
+from ansible.module_utils.netloom.persist import plan_forget, plan_record
 
 # Argument specs of the options both modules take, documented alike in each module.
 OVERLAY_OPTIONS: dict[str, dict[str, Any]] = {
@@ -39,6 +40,9 @@ class OverlayManager(ABC):
 
     # Whether planning needs the IPv4 route table in the snapshot (one more dump).
     dump_routes = False
+    # The module's name and its place in the early boot replay (netloom-restore).
+    module_name = ""
+    restore_order = 0
 
     def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
         self.module = module
@@ -73,9 +77,11 @@ class OverlayManager(ABC):
         snapshot = self.nl.dump(routes=self.dump_routes)
         if self.params["state"] == "absent":
             self.plan_absent(snapshot)
+            plan_forget(self.plan, self.module_name, "main", self.restore_order)
             finish(self.module, self.plan, **self.always_returned())
             return
         result = self.plan_present(snapshot)
+        plan_record(self.plan, self.module, self.module_name, "main", self.restore_order, ["early"])
         finish(self.module, self.plan, **self.always_returned(), **result)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,8 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "tests" / "support" / "run_module.py"
+# Module runs keep their reboot persistence (netloom-restore) here, one folder per netns.
+PERSIST_ROOTS = pathlib.Path(tempfile.gettempdir()) / "netloom-persist"
 # Prepended to every run_module_utils script: netloom's module_utils, passed as sys.argv[1],
 # become importable as ansible.module_utils.netloom, as Ansible's module packaging makes them.
 MODULE_UTILS_ON_PATH = """import sys
@@ -49,9 +52,15 @@ class Netns:
 
     def __exit__(self, *exc: Any) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
+        shutil.rmtree(persist_root(self.name), ignore_errors=True)
 
     def sh(self, cmd: str, check: bool = True) -> str:
         return sh(cmd, self.name, check)
+
+
+def persist_root(netns: str | None) -> pathlib.Path:
+    """Where a module run in `netns` keeps its reboot persistence (never the test machine's /)."""
+    return PERSIST_ROOTS / (netns or "host")
 
 
 def run_module(name: str, args: dict[str, Any], netns: str | None = None,
@@ -70,8 +79,9 @@ def run_module(name: str, args: dict[str, Any], netns: str | None = None,
     argv = [node_python(), str(RUNNER), str(ROOT / "library" / f"{name}.py"), args_file]
     if netns:
         argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
+    env = {**os.environ, "NETLOOM_PERSIST_ROOT": str(persist_root(netns))}
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     finally:
         os.unlink(args_file)
     try:

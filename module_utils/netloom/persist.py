@@ -1,0 +1,271 @@
+"""Reboot survival, one mechanism for every module: record what was converged for netloom-restore.
+
+A module whose kernel state nothing else brings back (links, addresses, routes, iptables
+chains, sysctls) calls `plan_record` after planning its changes. That adds, to the same change
+plan (so check mode, diff and `changed` show it), the steps that keep on the node:
+- the module's arguments, as an entry under /var/lib/netloom/restore/entries (root only);
+- the exact code that ran: the module's Ansible payload, normalised to a reproducible zip;
+- the boot runner (restore.py) and two systemd units, `netloom-restore-early.service` (before
+  Docker) and `netloom-restore-late.service` (after Docker and the named services), enabled.
+At boot the runner replays each entry through that code (see restore.py), so the boot path
+is the module itself and cannot drift from it. `plan_forget` removes an entry (state=absent)
+and, with the last entry, the runner, the units and the payloads.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ansible.module_utils.netloom import restore
+from ansible.module_utils.netloom.common import ChangePlan, InputError
+from ansible.module_utils.netloom.files import read_bytes, remove_file, write_file
+from ansible.module_utils.netloom.systemd import booted, daemon_reload
+
+UNIT_DIR = "etc/systemd/system"
+RUNNER = "usr/lib/netloom/netloom-restore"
+EARLY_UNIT = "netloom-restore-early.service"
+LATE_UNIT = "netloom-restore-late.service"
+WANTS_DIR = "multi-user.target.wants"
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+EARLY_UNIT_TEXT = """\
+# Managed by netloom (persist.py): replays the last converged state at boot.
+[Unit]
+Description=netloom: restore the converged network state before Docker starts
+After=network.target
+Before=docker.service containerd.service
+ConditionDirectoryNotEmpty=/{entries}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={python} /{runner} early
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+LATE_UNIT_TEXT = """\
+# Managed by netloom (persist.py): replays what needs interfaces made by Docker or wg-quick.
+[Unit]
+Description=netloom: restore the state that needs Docker's and WireGuard's interfaces
+After={after}
+ConditionDirectoryNotEmpty=/{entries}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={python} /{runner} late
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def persist_root() -> str:
+    """Where the persistence lives: / on a node; tests point NETLOOM_PERSIST_ROOT at a scratch dir."""
+    return os.environ.get("NETLOOM_PERSIST_ROOT") or "/"
+
+
+def _path(*parts: str) -> str:
+    return os.path.join(persist_root(), *parts)
+
+
+def entry_name(module_name: str, key: str, order: int) -> str:
+    """ORDER-MODULE@KEY.json: the runner replays entries in file-name order."""
+    if not key or not set(key) <= _KEY_CHARS:
+        raise InputError("restore key", key, "letters, digits and _.- only")
+    return f"{order:02d}-{module_name}@{key}.json"
+
+
+def _zip_bytes(files: Iterable[tuple[str, bytes]]) -> bytes:
+    """A zip whose bytes depend only on the file names and contents (fixed dates, sorted)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def _payload_files(module_name: str) -> list[tuple[str, bytes]]:
+    """The code of this run: Ansible's payload zip, or (run from a checkout) the same tree from disk."""
+    basic = sys.modules["ansible.module_utils.basic"].__file__ or ""
+    marker = ".zip" + os.sep
+    if marker in basic:
+        with zipfile.ZipFile(basic[:basic.index(marker) + 4]) as archive:
+            # sitecustomize.py is AnsiballZ's per-run path shim, not module code.
+            return [(name, archive.read(name)) for name in archive.namelist()
+                    if name != "sitecustomize.py" and not name.endswith("/")]
+    import ansible.module_utils as module_utils  # only needed off the Ansible path
+
+    files = [("ansible/__init__.py", b""), ("ansible/modules/__init__.py", b"")]
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not main_file:
+        raise InputError("module", module_name, "cannot find the module's own code to record")
+    with open(main_file, "rb") as handle:
+        files.append((f"ansible/modules/{module_name}.py", handle.read()))
+    seen: set[str] = set()
+    for base in module_utils.__path__:
+        for folder, dirs, names in os.walk(base):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                relative = os.path.relpath(os.path.join(folder, name), base)
+                archived = f"ansible/module_utils/{relative}"
+                if archived in seen:
+                    continue
+                seen.add(archived)
+                with open(os.path.join(folder, name), "rb") as handle:
+                    files.append((archived, handle.read()))
+    return files
+
+
+def _digest(data: bytes | None) -> str | None:
+    return None if data is None else "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def _entries_dir() -> str:
+    return _path(restore.STATE_DIR, "entries")
+
+
+def _other_entries(skip: str) -> dict[str, dict[str, Any]]:
+    """The recorded entries other than `skip` (file name -> content)."""
+    found: dict[str, dict[str, Any]] = {}
+    folder = _entries_dir()
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name == skip or not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                found[name] = json.load(handle)
+        except (OSError, ValueError):
+            continue  # a broken entry is replaced or removed by its own module's next run
+    return found
+
+
+def _unit_texts(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Both units for the given entries; the late unit waits for every service an entry names."""
+    after = {"netloom-restore-early.service", "docker.service", "network-online.target"}
+    for entry in entries.values():
+        after.update(entry.get("netloom_restore", {}).get("after", []))
+    fields = {"python": sys.executable, "runner": RUNNER,
+              "entries": os.path.join(restore.STATE_DIR, "entries")}
+    return {EARLY_UNIT: EARLY_UNIT_TEXT.format(**fields),
+            LATE_UNIT: LATE_UNIT_TEXT.format(after=" ".join(sorted(after)), **fields)}
+
+
+def _plan_file(plan: ChangePlan, key: str, path: str, wanted: bytes | None, mode: int = 0o644,
+               shown: str = "text") -> None:
+    """One owned file to its wanted bytes (None: absent); diff shows text or a digest."""
+    live = read_bytes(path)
+    if live == wanted:
+        return
+
+    def view(data: bytes | None) -> Any:
+        if data is None:
+            return None
+        return data.decode("utf-8", "replace") if shown == "text" else _digest(data)
+
+    action = "create" if live is None else ("delete" if wanted is None else "update")
+    run = (lambda: remove_file(path)) if wanted is None else (lambda: write_file(path, wanted, mode))
+    plan.add(key, action, view(live), view(wanted), run)
+
+
+def _plan_symlink(plan: ChangePlan, link: str, target: str | None) -> None:
+    if os.path.islink(link):
+        live: str | None = os.readlink(link)
+    else:
+        live = "(not a symlink)" if os.path.lexists(link) else None
+    if live == target:
+        return
+
+    def apply() -> None:
+        if os.path.lexists(link):
+            os.unlink(link)
+        if target is not None:
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(target, link)
+
+    plan.add(f"restore unit link {os.path.relpath(link, persist_root())}",
+             "delete" if target is None else "create", live, target, apply)
+
+
+def _plan_units(plan: ChangePlan, entries: Mapping[str, Mapping[str, Any]]) -> None:
+    """Runner and units for the entries that will exist; all removed when none is left."""
+    steps_before = len(plan.steps)
+    if entries:
+        runner_source = inspect.getsource(restore).encode()
+        _plan_file(plan, "restore runner", _path(RUNNER), b"#!/usr/bin/python3\n" + runner_source, 0o755)
+        texts = _unit_texts(entries)
+    else:
+        _plan_file(plan, "restore runner", _path(RUNNER), None)
+        texts = {EARLY_UNIT: None, LATE_UNIT: None}
+    for unit, text in texts.items():
+        unit_path = _path(UNIT_DIR, unit)
+        _plan_file(plan, f"restore unit {unit}", unit_path, None if text is None else text.encode())
+        _plan_symlink(plan, _path(UNIT_DIR, WANTS_DIR, unit), None if text is None else f"/{UNIT_DIR}/{unit}")
+    if len(plan.steps) > steps_before and persist_root() == "/" and booted():
+        plan.add("systemd daemon-reload", "update", None, None, daemon_reload)
+
+
+def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order: int,
+                phases: Iterable[str], after: Iterable[str] = (),
+                secret_options: Iterable[str] = ()) -> None:
+    """Keep this run's arguments and code for netloom-restore (state=present).
+
+    `order` sorts entries within a phase; `phases` are early and/or late; `after` names units
+    the late phase must wait for (e.g. wg-quick@wg0.service). Options in `secret_options`
+    are never written.
+    """
+    name = entry_name(module_name, key, order)
+    phases = sorted(set(phases))
+    if not phases or not set(phases) <= set(restore.PHASES):
+        raise InputError("restore phases", phases, f"one or more of {', '.join(restore.PHASES)}")
+    skip = set(secret_options) | {"_ansible_check_mode", "_ansible_diff"}
+    args = {option: value for option, value in sorted(module.params.items())
+            if value is not None and option not in skip}
+    entry = {"ANSIBLE_MODULE_ARGS": args,
+             "netloom_restore": {"module": module_name, "phases": phases, "after": sorted(set(after))}}
+    entry_bytes = (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode()
+    payload = _zip_bytes(_payload_files(module_name))
+    _plan_file(plan, f"restore payload {module_name}",
+               _path(restore.STATE_DIR, "payloads", f"{module_name}.zip"), payload, shown="digest")
+    entry_path = os.path.join(_entries_dir(), name)
+    live = read_bytes(entry_path)
+    if live != entry_bytes:
+        before = None
+        if live is not None:
+            try:
+                before = json.loads(live).get("ANSIBLE_MODULE_ARGS")
+            except ValueError:
+                before = live.decode("utf-8", "replace")
+        plan.add(f"restore entry {name}", "create" if live is None else "update", before, args,
+                 lambda: write_file(entry_path, entry_bytes, 0o600))
+    _plan_units(plan, {**_other_entries(name), name: entry})
+
+
+def plan_forget(plan: ChangePlan, module_name: str, key: str, order: int) -> None:
+    """Remove this module's entry (state=absent), and with the last entry everything else."""
+    name = entry_name(module_name, key, order)
+    entry_path = os.path.join(_entries_dir(), name)
+    live = read_bytes(entry_path)
+    if live is not None:
+        plan.add(f"restore entry {name}", "delete", live.decode("utf-8", "replace"), None,
+                 lambda: remove_file(entry_path))
+    others = _other_entries(name)
+    if not any(entry.get("netloom_restore", {}).get("module") == module_name for entry in others.values()):
+        _plan_file(plan, f"restore payload {module_name}",
+                   _path(restore.STATE_DIR, "payloads", f"{module_name}.zip"), None, shown="digest")
+    _plan_units(plan, others)

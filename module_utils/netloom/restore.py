@@ -1,0 +1,71 @@
+"""netloom-restore: replay the last converged state at boot, through the modules themselves.
+
+This file is the boot-time runner (stdlib only). Every module that converges kernel state
+which nothing else brings back after a reboot (links, addresses, routes, iptables chains,
+sysctls) records, on each successful real run, an entry: its arguments as Ansible gave them
+and the exact code that ran (the module's payload zip). At boot, systemd runs this file once
+per phase, and it runs each recorded module again with `python3 -m ansible.modules.NAME
+ARGS.json`, Ansible's own way to run a module by hand. The node converges through the same
+code the last Ansible run used, so the boot path can never drift from the modules.
+
+Phases: `early` runs before Docker starts (no container can send before the overlay, the
+DNAT rules and the CVE-2020-8558 guard are back); `late` runs after Docker and wg-quick
+(interfaces they create, such as a worker bridge or wg0, exist by then).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+# Paths below the persistence root (/ on a node; tests point NETLOOM_PERSIST_ROOT elsewhere).
+STATE_DIR = "var/lib/netloom/restore"
+ENTRY_GLOB = "*.json"
+PHASES = ("early", "late")
+
+
+def entries(root: str, phase: str) -> list[tuple[str, dict]]:
+    """The recorded entries of one phase, in their file-name order (ORDER-MODULE@KEY.json)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(root, STATE_DIR, "entries", ENTRY_GLOB))):
+        with open(path, encoding="utf-8") as handle:
+            entry = json.load(handle)
+        if phase in entry.get("netloom_restore", {}).get("phases", []):
+            found.append((path, entry))
+    return found
+
+
+def replay(root: str, phase: str, python: str = sys.executable) -> int:
+    """Run every entry of a phase; report each result; the exit code counts the failures."""
+    failures = 0
+    for path, entry in entries(root, phase):
+        module = entry["netloom_restore"]["module"]
+        payload = os.path.join(root, STATE_DIR, "payloads", f"{module}.zip")
+        env = {**os.environ, "PYTHONPATH": payload}
+        proc = subprocess.run([python, "-m", f"ansible.modules.{module}", path], env=env,
+                              capture_output=True, text=True, check=False)
+        try:
+            result = json.loads(proc.stdout)
+        except ValueError:
+            result = {"failed": True, "msg": (proc.stderr or proc.stdout).strip()[-2000:]}
+        failed = proc.returncode != 0 or bool(result.get("failed"))
+        failures += failed
+        status = "FAILED" if failed else ("changed" if result.get("changed") else "ok")
+        detail = result.get("msg") if failed else ", ".join(result.get("changes", []))
+        print(f"netloom-restore {phase}: {os.path.basename(path)}: {status}"
+              + (f": {detail}" if detail else ""), flush=True)
+    return failures
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in PHASES:
+        print(f"usage: {argv[0]} {'|'.join(PHASES)}", file=sys.stderr)
+        return 2
+    root = os.environ.get("NETLOOM_PERSIST_ROOT", "/")
+    return 1 if replay(root, argv[1]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
