@@ -419,7 +419,10 @@ class Lab:
 
     def _write_inventories(self, inventory_file: Path, access: dict[str, NodeAccess]) -> None:
         """Write the requested inventory and refresh the lab's other ones (SSH ports may have moved)."""
-        inventory = lab_topology.render_inventory(self.topology, access, KEY_FILE)
+        known_hosts = STATE_DIR / "ssh" / f"known_hosts-{self.topology.name}"
+        known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        known_hosts.write_text(lab_topology.render_known_hosts(access))
+        inventory = lab_topology.render_inventory(self.topology, access, KEY_FILE, known_hosts)
         header = (f"# Inventory of lab {self.topology.name}, written by lab/netloom_lab.py up; "
                   "removed by its `down`.\n")
         paths = [inventory_file.resolve()]
@@ -441,6 +444,24 @@ class Lab:
         self.record_file.parent.mkdir(parents=True, exist_ok=True)
         record = {"inventories": [str(path) for path in paths]}
         self.record_file.write_text(json.dumps(record, indent=2) + "\n")
+
+    # ---- restart ---------------------------------------------------------------------------
+
+    def restart(self, nodes: list[str], inventory_file: Path, molecule_config: Path | None) -> None:
+        """Reboot nodes: a clean systemd shutdown, a new network namespace and a real boot.
+
+        Nothing of netloom's is re-applied here: whatever a node holds afterwards came back by
+        itself. `up` then only waits for the boot and refreshes the inventories (SSH ports move).
+        """
+        unknown = sorted(set(nodes) - set(self.topology.nodes))
+        if unknown:
+            raise LabError(f"lab {self.topology.name} has no node {', '.join(unknown)}")
+        with self.lock():
+            for name in nodes:
+                container = self.client.containers.get(self.names.container(name))
+                container.restart(timeout=60)
+                self.say(f"node {name}: restarted")
+        self.up(inventory_file, molecule_config)
 
     # ---- down ------------------------------------------------------------------------------
 
@@ -493,7 +514,15 @@ class NodeSetup:
         self.check(["systemctl", "restart", "netloom-lab-network.service"],
                    explain=["journalctl", "-u", "netloom-lab-network.service", "-n", "20", "--no-pager"])
         self.sync_echo()
-        return NodeAccess(port, interfaces)
+        return NodeAccess(port, interfaces, self.host_keys())
+
+    def host_keys(self) -> tuple[str, ...]:
+        """The node's SSH host public keys, read through Docker (a channel the controller trusts)."""
+        output = self.check(["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
+        keys = tuple(" ".join(line.split()[:2]) for line in output.splitlines() if line.strip())
+        if not keys:
+            raise LabError(f"node {self.node.name}: no SSH host keys in /etc/ssh")
+        return keys
 
     def exec(self, argv: list[str]) -> tuple[int, str]:
         try:

@@ -366,9 +366,22 @@ class NodeAccess:
 
     ssh_port: int
     interfaces: dict[str, str]  # network name -> interface name inside the node
+    host_keys: tuple[str, ...] = ()  # the node's SSH host public keys ("TYPE BASE64")
 
 
-def render_inventory(topology: Topology, access: dict[str, NodeAccess], key_file: Path) -> dict[str, Any]:
+def render_known_hosts(access: dict[str, NodeAccess]) -> str:
+    """known_hosts lines for the lab's nodes at their published ports (read from the nodes via Docker)."""
+    return "".join(f"[127.0.0.1]:{node.ssh_port} {key}\n"
+                   for _, node in sorted(access.items()) for key in node.host_keys)
+
+
+def ssh_common_args(known_hosts: Path) -> str:
+    """Host keys are checked against the file the lab wrote; nothing else is trusted."""
+    return f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes"
+
+
+def render_inventory(topology: Topology, access: dict[str, NodeAccess], key_file: Path,
+                     known_hosts: Path) -> dict[str, Any]:
     """The Ansible YAML inventory of a running lab; `netloom_lab` marks whose file it is."""
     hosts = {}
     for node in topology.nodes.values():
@@ -378,6 +391,7 @@ def render_inventory(topology: Topology, access: dict[str, NodeAccess], key_file
             "ansible_port": node_access.ssh_port,
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(key_file),
+            "ansible_ssh_common_args": ssh_common_args(known_hosts),
             "ansible_python_interpreter": "/usr/bin/python3",
             "netloom_underlay_ip": str(node.addresses[node.underlay]),
             "netloom_underlay_interface": node_access.interfaces[node.underlay],

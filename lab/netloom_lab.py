@@ -3,6 +3,7 @@
 
     netloom_lab.py image                      build the node image (once per recipe)
     netloom_lab.py up --topology FILE         create/repair the lab, write its inventory
+    netloom_lab.py restart --topology FILE --node NAME ...   reboot nodes (systemd shutdown and boot)
     netloom_lab.py down --topology FILE       remove everything the lab made
     netloom_lab.py status [--topology FILE]   nodes, state, SSH ports
 
@@ -36,6 +37,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="where to write the Ansible inventory (default: inventory/lab/hosts.yml)")
     up.add_argument("--molecule-instance-config", type=Path,
                     help="also write Molecule's delegated-driver instance config here")
+    restart = commands.add_parser("restart", help="reboot nodes, then refresh the inventories")
+    restart.add_argument("--topology", type=Path, required=True)
+    restart.add_argument("--node", action="append", required=True, help="node to reboot (repeatable)")
+    restart.add_argument("--inventory-file", type=Path, default=lab_docker.DEFAULT_INVENTORY)
+    restart.add_argument("--molecule-instance-config", type=Path)
     down = commands.add_parser("down", help="remove every container, network and volume of a lab")
     down.add_argument("--topology", type=Path, required=True)
     down.add_argument("--inventory-file", type=Path, default=lab_docker.DEFAULT_INVENTORY,
@@ -61,6 +67,11 @@ def main(argv: list[str]) -> int:
                    args.molecule_instance_config.resolve() if args.molecule_instance_config else None)
             print_status(client, topology.name)
             say(f"{topology.name}: up in {time.monotonic() - started:.1f} s")
+        elif args.command == "restart":
+            lab_docker.Lab(client, topology, say).restart(
+                args.node, args.inventory_file.resolve(),
+                args.molecule_instance_config.resolve() if args.molecule_instance_config else None)
+            say(f"{topology.name}: restarted {', '.join(args.node)} in {time.monotonic() - started:.1f} s")
         elif args.command == "down":
             lab_docker.Lab(client, topology, say).down(args.inventory_file.resolve())
             say(f"{topology.name}: down in {time.monotonic() - started:.1f} s")

@@ -15,7 +15,7 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 # kernel networking tools, ssh to the lab nodes, the venv, and the services the module
 # tests run in network namespaces.
 packages=(docker.io debootstrap iproute2 iptables busybox-static openssh-client python3-venv
-          wireguard-tools wireguard-go haproxy nginx-light iperf3 curl iputils-ping)
+          wireguard-tools wireguard-go haproxy nginx iperf3 curl iputils-ping procps openssl)
 
 missing=()
 for package in "${packages[@]}"; do

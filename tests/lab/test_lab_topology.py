@@ -12,6 +12,7 @@ from lab_topology import NodeAccess, TopologyError
 
 OVERLAY = pathlib.Path(__file__).resolve().parents[2] / "lab" / "topologies" / "overlay.yml"
 KEY = pathlib.Path("/repo/.lab/ssh/id_ed25519")
+KNOWN_HOSTS = pathlib.Path("/repo/.lab/ssh/known_hosts-small")
 
 SMALL: dict[str, Any] = {
     "name": "small",
@@ -141,14 +142,23 @@ def test_network_script_sets_sysctls_then_routes() -> None:
 def test_inventory_has_groups_connection_and_host_vars() -> None:
     lab = lab_topology.parse(small())
     access = {"a": NodeAccess(32801, {"lan": "eth1"}), "b": NodeAccess(32802, {"lan": "eth2", "wan": "eth1"})}
-    inventory = lab_topology.render_inventory(lab, access, KEY)
+    inventory = lab_topology.render_inventory(lab, access, KEY, KNOWN_HOSTS)
     assert inventory["all"]["vars"] == {"netloom_lab": "small"}
     assert inventory["all"]["children"] == {"clients": {"hosts": {"a": None}}}
     assert inventory["all"]["hosts"]["a"] == {
         "ansible_host": "127.0.0.1", "ansible_port": 32801, "ansible_user": "root",
         "ansible_ssh_private_key_file": str(KEY), "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_ssh_common_args": f"-o UserKnownHostsFile={KNOWN_HOSTS} -o StrictHostKeyChecking=yes",
         "netloom_underlay_ip": "100.127.10.10", "netloom_underlay_interface": "eth1", "role_id": 7}
     assert inventory["all"]["hosts"]["b"]["netloom_underlay_interface"] == "eth2"
+
+
+def test_known_hosts_lists_every_key_at_its_published_port() -> None:
+    access = {"b": NodeAccess(32802, {}, ("ssh-ed25519 AAAAB",)),
+              "a": NodeAccess(32801, {}, ("ssh-ed25519 AAAAA", "ecdsa-sha2-nistp256 AAAAE"))}
+    assert lab_topology.render_known_hosts(access) == (
+        "[127.0.0.1]:32801 ssh-ed25519 AAAAA\n[127.0.0.1]:32801 ecdsa-sha2-nistp256 AAAAE\n"
+        "[127.0.0.1]:32802 ssh-ed25519 AAAAB\n")
 
 
 def test_molecule_instance_config_lists_every_node() -> None:

@@ -111,3 +111,16 @@ def test_default_network_is_isolated_per_runner(runner1):
 
 def test_check_mode_after_converge_reports_no_change():
     assert_check_mode_reports_no_change({"hub", "runner1", "runner2"})
+
+
+def test_underlay_neighbour_routing_the_overlay_cannot_reach_unpublished_ports(workloads):
+    """A node on the underlay that routes runner 1's subnet via runner 1 gets nothing through:
+    the overlay's FORWARD accepts only traffic on overlay interfaces."""
+    first, _ = workloads
+    outside = node("outside")
+    outside.check_output("ip route replace 10.1.0.0/16 via 192.0.2.11")
+    try:
+        probe = outside.run(f"nc -z -w 3 {first.ip} 8080")
+        assert probe.rc != 0, f"outside reached {first.ip}:8080 through runner1: {probe.stdout}{probe.stderr}"
+    finally:
+        outside.run("ip route del 10.1.0.0/16 via 192.0.2.11")
