@@ -21,7 +21,9 @@ description:
   - The running state is also saved to I(config_dir)/NAME.conf in wg-quick format (mode 0600,
     written atomically). With systemd, C(wg-quick@NAME) is enabled so that config brings the
     interface back at boot, with a drop-in selecting wireguard-go where the kernel lacks
-    WireGuard.
+    WireGuard. The config has C(Table = off), so wg-quick installs no route at all (no policy
+    routing for 0.0.0.0/0, no public /32): routes come only from the wireguard_routes module,
+    through its filter, which netloom-restore replays after wg-quick at boot.
   - I(state=absent) stops the unit, removes the interface (and its wireguard-go process), the
     config and the key file.
   - To choose the implementation for a new interface the module creates and at once deletes a
@@ -68,7 +70,9 @@ options:
       allowed_ips:
         description:
           - CIDRs routed to this peer, IPv4 or IPv6, without host bits. A CIDR may belong to one
-            peer only.
+            peer only. CIDRs wholly inside a range no host holds (0.0.0.0/8, 127/8, 169.254/16,
+            224/4, 240/4, ::1, ff00::/8) are refused; 0.0.0.0/0 and ::/0 are allowed (routes come
+            only from wireguard_routes, which filters them).
         type: list
         elements: str
         default: []
@@ -76,7 +80,21 @@ options:
         description:
           - C(host:port) or C([IPv6]:port). A host name must resolve on the node. When omitted
             the endpoint the peer roams from is left alone.
+          - A literal address must be a unicast host address (not 0.0.0.0/8, 127/8, 169.254/16,
+            multicast, 240/4 and broadcast, ::, ::1 or ff00::/8).
         type: str
+      endpoint_policy:
+        description:
+          - How the declared I(endpoint) is kept on the live peer.
+          - C(on_change) sets it when the peer is created, has no endpoint, or the declared
+            endpoint changed since the last run (the saved config records what was declared).
+            A live endpoint that differs only because the peer roamed (behind NAT, or from a
+            new address) is left alone, so the task settles. A hand-set endpoint is not told
+            apart from a roamed one.
+          - C(always) resets any other live endpoint to the declared one on every run.
+        type: str
+        choices: [on_change, always]
+        default: on_change
       persistent_keepalive:
         description: Keepalive interval in seconds; 0 turns it off.
         type: int
@@ -85,7 +103,8 @@ options:
         description: Optional preshared key (base64 of 32 bytes).
         type: str
   config_dir:
-    description: Directory for NAME.conf and NAME.key (created with mode 0700).
+    description:
+      - Absolute directory for NAME.conf and NAME.key (created with mode 0700); no control characters.
     type: path
     default: /etc/wireguard
   manage_service:
@@ -191,6 +210,7 @@ from ansible.module_utils.netloom.common import (
     port,
 )
 from ansible.module_utils.netloom.wireguard import (
+    ENDPOINT_POLICIES,
     DeviceState,
     InterfaceSpec,
     IPRoute,
@@ -198,6 +218,9 @@ from ansible.module_utils.netloom.wireguard import (
     PeerSpec,
     WgQuickUnit,
     WgTool,
+    address_reason,
+    config_endpoints,
+    network_reason,
     peer_differences,
     peer_set_args,
     peer_view,
@@ -235,6 +258,7 @@ ARGUMENT_SPEC: dict[str, Any] = {
             "endpoint": {"type": "str"},
             "persistent_keepalive": {"type": "int", "default": 0},
             "preshared_key": {"type": "str", "no_log": True},
+            "endpoint_policy": {"type": "str", "default": "on_change", "choices": list(ENDPOINT_POLICIES)},
         },
     },
     "config_dir": {"type": "path", "default": "/etc/wireguard"},
@@ -272,16 +296,34 @@ def interface_address(field_name: str, value: Any) -> str:
     if "/" not in text:
         raise InputError(field_name, value, "needs a prefix length, e.g. 10.99.0.1/24")
     try:
-        return str(ipaddress.ip_interface(text))
+        address = ipaddress.ip_interface(text)
     except ValueError as err:
         raise InputError(field_name, value, f"not an address/prefix ({err})") from None
+    reason = address_reason(address.ip)
+    if reason:
+        raise InputError(field_name, value, f"cannot be an interface address: it is {reason}")
+    return str(address)
 
 
 def allowed_network(field_name: str, value: Any) -> str:
     try:
-        return str(ipaddress.ip_network(str(value).strip(), strict=True))
+        network = ipaddress.ip_network(str(value).strip(), strict=True)
     except ValueError as err:
         raise InputError(field_name, value, f"not a CIDR without host bits ({err})") from None
+    reason = network_reason(network)
+    if reason:
+        raise InputError(field_name, value, f"no peer can send from it: it is {reason}")
+    return str(network)
+
+
+def config_dir(field_name: str, value: Any) -> str:
+    """An absolute directory without control characters: a newline would end up in file names."""
+    text = str(value)
+    if not text.startswith("/"):
+        raise InputError(field_name, value, "must be an absolute path")
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        raise InputError(field_name, value, "must not contain control characters (newline, tab...)")
+    return os.path.normpath(text)
 
 
 def validate_peers(raw_peers: list[dict[str, Any]]) -> tuple[PeerSpec, ...]:
@@ -310,7 +352,8 @@ def validate_peers(raw_peers: list[dict[str, Any]]) -> tuple[PeerSpec, ...]:
         keepalive = int_range(f"{where}.persistent_keepalive", raw.get("persistent_keepalive") or 0, 0, 65535)
         psk = raw.get("preshared_key")
         preshared_key = wg_key(f"{where}.preshared_key", psk, secret=True) if psk else None
-        peers.append(PeerSpec(public_key, sorted_networks(cidrs), keepalive, endpoint, forms, preshared_key))
+        peers.append(PeerSpec(public_key, sorted_networks(cidrs), keepalive, endpoint, forms, preshared_key,
+                              raw.get("endpoint_policy") or "on_change"))
     return tuple(peers)
 
 
@@ -323,8 +366,9 @@ class WireguardInterface:
         params = module.params
         self.name = ifname("name", params["name"])
         self.state = params["state"]
-        self.config_path = os.path.join(params["config_dir"], f"{self.name}.conf")
-        self.key_path = os.path.join(params["config_dir"], f"{self.name}.key")
+        directory = config_dir("config_dir", params["config_dir"])
+        self.config_path = os.path.join(directory, f"{self.name}.conf")
+        self.key_path = os.path.join(directory, f"{self.name}.key")
         self.manage_service = self._service_wanted(params["manage_service"])
         self.spec = self._validate(params) if self.state == "present" else None
         self.private_key = (wg_key("private_key", params["private_key"], secret=True)
@@ -475,13 +519,14 @@ class WireguardInterface:
         spec = self.spec
         assert spec is not None
         wanted = {peer.public_key for peer in spec.peers}
+        last_declared = config_endpoints(read_private_file(self.config_path)[0])
         for public_key, live in live_peers.items():
             if public_key not in wanted:
                 plan.add(f"{self.name} peer {public_key}", "delete", peer_view(live), None,
                          lambda key=public_key: self.wg.set(self.name, ["peer", key, "remove"]))
         for peer in spec.peers:
             live = live_peers.get(peer.public_key)
-            fields = peer_differences(peer, live)
+            fields = peer_differences(peer, live, last_declared.get(peer.public_key))
             if not fields:
                 continue
             args, stdin = peer_set_args(peer, fields)

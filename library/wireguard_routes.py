@@ -115,6 +115,7 @@ changes:
   elements: str
 """
 
+import contextlib
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ from ansible.module_utils.netloom.common import (
     ipv4_address,
     ipv4_network,
 )
+from ansible.module_utils.netloom.persist import plan_forget, plan_record, recorded_args
 from ansible.module_utils.netloom.wgroutes import NETLOOM_ROUTE_PROTO, Verdict, classify, forbidden_reason
 from ansible.module_utils.netloom.wireguard import (
     IPRoute,
@@ -139,7 +141,11 @@ from ansible.module_utils.netloom.wireguard import (
     run_with_iproute,
 )
 
+MODULE_NAME = "wireguard_routes"
+# Replayed in the late phase of netloom-restore, after wg-quick has brought the interface back.
+RESTORE_ORDER = 40
 MAIN_TABLE = 254
+RTPROT_KERNEL = 2
 SCOPE_LINK = 253
 SCOPE_NOWHERE = 255
 IFF_UP = 0x1
@@ -163,11 +169,12 @@ class Route:
     gateway: str | None
     proto: int
 
-    def view(self, ifname_of: dict[int, str]) -> dict[str, Any]:
+    def view(self, ifname_of: dict[int | None, str]) -> dict[str, Any]:
+        """The route for diffs; ifname_of[None] names the interface a pending route will use."""
         shown: dict[str, Any] = {"cidr": str(self.network)}
         if self.gateway:
             shown["via"] = self.gateway
-        if self.oif is not None:
+        if self.oif is not None or not self.gateway:
             shown["dev"] = ifname_of.get(self.oif, self.oif)
         shown["proto"] = self.proto
         return shown
@@ -201,6 +208,7 @@ class WireguardRoutes:
                       for i, item in enumerate(params["extra_routes"])]
         self.via_cidr = ipv4_network("via_host_cidr", params["via_host_cidr"])
         self.via = resolve_ipv4("via_host", params["via_host"]) if params["via_host"] else None
+        self.via_ranges = self._via_ranges()
         self.wg = WgTool()
 
     @staticmethod
@@ -218,11 +226,21 @@ class WireguardRoutes:
             raise InputError(field_name, value, f"refused: {verdict.reason}")
         return str(verdict.network)
 
-    # ---- live state ----
+    def _via_ranges(self) -> list[ipaddress.IPv4Network]:
+        """Ranges whose proto-250 via routes are this interface's: this run's and the last recorded run's.
 
-    def _index(self) -> int | None:
-        found = self.ipr.link_lookup(ifname=self.name)
-        return found[0] if found else None
+        A via route leaves through the underlay, not this interface, so only the run that
+        declared via_host (now or in the run recorded for this interface) may claim it; an
+        interface that never declared via_host never deletes another's via routes.
+        """
+        ranges = [self.via_cidr] if self.via else []
+        recorded = recorded_args(MODULE_NAME, self.name, RESTORE_ORDER) or {}
+        if recorded.get("via_host"):
+            with contextlib.suppress(ValueError):  # an entry this module did not write claims nothing
+                ranges.append(ipaddress.IPv4Network(str(recorded.get("via_host_cidr"))))
+        return ranges
+
+    # ---- live state ----
 
     def read_routes(self) -> dict[ipaddress.IPv4Network, Route]:
         """Main-table IPv4 routes with metric 0, the slot `ip route replace CIDR dev IF` writes."""
@@ -236,14 +254,40 @@ class WireguardRoutes:
                                     msg["proto"])
         return routes
 
+    def connected(self, index: int) -> set[ipaddress.IPv4Network]:
+        """Prefixes of the interface's own IPv4 addresses: the kernel routes them (proto kernel, src)."""
+        prefixes = set()
+        for msg in self.ipr.get_addr(family=socket.AF_INET, index=index):
+            network = ipaddress.IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}").network
+            if network.prefixlen < 32:
+                prefixes.add(network)
+        return prefixes
+
     def owned(self, route: Route, index: int | None) -> bool:
-        """Ours: netloom's protocol, and through this interface or inside the via_host range."""
-        return route.proto == NETLOOM_ROUTE_PROTO and (
-            (index is not None and route.oif == index) or route.network.subnet_of(self.via_cidr))
+        """Ours: netloom's protocol in the main table, and through this interface (or a claimed via range)."""
+        if route.proto != NETLOOM_ROUTE_PROTO:
+            return False
+        if index is not None and route.oif == index:
+            return True
+        return route.gateway is not None and any(route.network.subnet_of(cidr) for cidr in self.via_ranges)
+
+    def require_wireguard(self, link: Any) -> None:
+        """A clear failure naming `interface` when it is not a WireGuard interface `wg` can read."""
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        if kind not in ("wireguard", "tun"):
+            raise InputError("interface", self.name,
+                             f"is a {kind or 'plain'} link, not a WireGuard interface")
+        if kind == "tun":
+            try:
+                self.wg.allowed_ips(self.name)
+            except CommandError:
+                raise InputError("interface", self.name, "is a tun link that `wg` cannot read: not a "
+                                 "WireGuard interface, or its wireguard-go process is gone") from None
 
     # ---- plan ----
 
-    def desired(self, verdicts: list[Verdict], index: int) -> dict[ipaddress.IPv4Network, Route]:
+    def desired(self, verdicts: list[Verdict], index: int | None) -> dict[ipaddress.IPv4Network, Route]:
         wanted: dict[ipaddress.IPv4Network, Route] = {}
         networks = [verdict.network for verdict in verdicts if verdict.network is not None]
         networks += [ipaddress.IPv4Network(cidr) for cidr in self.extra]
@@ -253,6 +297,21 @@ class WireguardRoutes:
             else:
                 wanted[network] = Route(network, index, None, NETLOOM_ROUTE_PROTO)
         return dict(sorted(wanted.items()))
+
+    def skip_reason(self, network: ipaddress.IPv4Network, live: Route | None, index: int,
+                    connected: set[ipaddress.IPv4Network], names: dict[int | None, str]) -> str | None:
+        """Why a wanted route must not be written: it would take over a route that is not ours."""
+        if network in connected:
+            return (f"connected prefix of {self.name}: the kernel's route (proto kernel, with src) "
+                    "is kept and already leads into the interface")
+        if live is None:
+            return None
+        if live.proto == RTPROT_KERNEL:
+            return f"connected on {names.get(live.oif, live.oif)}: the kernel's route is kept"
+        if live.proto == NETLOOM_ROUTE_PROTO and live.gateway is None and live.oif not in (None, index):
+            return (f"routed through {names.get(live.oif, live.oif)} by netloom for that interface: "
+                    "another interface's route is left alone")
+        return None
 
     @staticmethod
     def matches(wanted: Route, live: Route | None) -> bool:
@@ -280,6 +339,8 @@ class WireguardRoutes:
                                 "table": MAIN_TABLE, "proto": route.proto, "scope": SCOPE_NOWHERE}
         if route.oif is not None:
             args["oif"] = route.oif
+        if route.gateway is not None:
+            args["gateway"] = route.gateway
         try:
             self.ipr.route("del", **args)
         except NetlinkError as err:
@@ -294,28 +355,61 @@ class WireguardRoutes:
         verdicts = [classify(cidr, self.allow) for cidr in cidrs]
         return verdicts, self.desired(verdicts, index)
 
+    def plan_pending(self, plan: ChangePlan, result: dict[str, Any]) -> dict[ipaddress.IPv4Network, Route]:
+        """Check mode before wireguard_interface made the interface (a never-converged node).
+
+        There are no live AllowedIPs to read yet. The real run, after the interface task, installs
+        a route for each accepted AllowedIPs entry, so the plan shows that pending step (changed)
+        plus the extra_routes, which are known now; nothing is applied in check mode.
+        """
+        pending = f"{self.name} does not exist yet: its AllowedIPs are read and routed once it is created"
+        result["pending"] = pending
+        result["accepted"] = [{"cidr": cidr, "reason": "declared in extra_routes", "dev": self.name}
+                              for cidr in self.extra]
+        result["refused"], result["skipped"] = [], []
+        plan.add(f"routes for the AllowedIPs of {self.name}", "create", None, {"pending": pending})
+        return self.desired([], None)
+
     def run(self) -> None:
         plan = ChangePlan()
-        index = self._index()
-        live = self.read_routes()
         links = list(self.ipr.get_links())
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        link = next((item for item in links if item.get_attr("IFLA_IFNAME") == self.name), None)
+        index = link["index"] if link is not None else None
+        names: dict[int | None, str] = {item["index"]: item.get_attr("IFLA_IFNAME") for item in links}
+        names[None] = self.name
+        live = self.read_routes()
         result: dict[str, Any] = {"interface": self.name, "via": self.via}
         wanted: dict[ipaddress.IPv4Network, Route] = {}
-        if self.state == "present":
-            if index is None:
-                raise CommandError(f"interface {self.name} does not exist (converge it first)")
-            if not any(link["index"] == index and link["flags"] & IFF_UP for link in links):
+        skipped: dict[ipaddress.IPv4Network, str] = {}
+        if self.state == "present" and link is None:
+            if not self.module.check_mode:
+                raise InputError("interface", self.name,
+                                 "does not exist: converge it with wireguard_interface first "
+                                 "(at boot wg-quick creates it before the routes are replayed)")
+            wanted = self.plan_pending(plan, result)
+        elif self.state == "present":
+            assert index is not None
+            self.require_wireguard(link)
+            if not link["flags"] & IFF_UP:
                 raise CommandError(f"interface {self.name} is down; routes through it cannot be installed")
             verdicts, wanted = self.filter_allowed_ips(index)
+            connected = self.connected(index)
+            for network in list(wanted):
+                reason = self.skip_reason(network, live.get(network), index, connected, names)
+                if reason:
+                    skipped[network] = reason
+                    del wanted[network]
             accepted = [{**verdict.as_dict(), **self._target(wanted[verdict.network])}
-                        for verdict in verdicts if verdict.network is not None]
+                        for verdict in verdicts if verdict.network in wanted]
             listed = {entry["cidr"] for entry in accepted}
             accepted += [{"cidr": cidr, "reason": "declared in extra_routes",
                           **self._target(wanted[ipaddress.IPv4Network(cidr)])}
-                         for cidr in self.extra if cidr not in listed]
+                         for cidr in self.extra
+                         if cidr not in listed and ipaddress.IPv4Network(cidr) in wanted]
             result["accepted"] = accepted
             result["refused"] = [verdict.as_dict() for verdict in verdicts if verdict.network is None]
+            result["skipped"] = [{"cidr": str(network), "reason": reason}
+                                 for network, reason in skipped.items()]
         installed, removed = [], []
         for network, route in wanted.items():
             current = live.get(network)
@@ -326,10 +420,15 @@ class WireguardRoutes:
                      lambda route=route: self._replace(route))
             installed.append(str(network))
         for network, route in live.items():
-            if network not in wanted and self.owned(route, index):
+            if network not in wanted and network not in skipped and self.owned(route, index):
                 plan.add(f"route {network}", "delete", route.view(names), None,
                          lambda route=route: self._delete(route))
                 removed.append(str(network))
+        if self.state == "present":
+            plan_record(plan, self.module, MODULE_NAME, self.name, RESTORE_ORDER, ["late"],
+                        after=[f"wg-quick@{self.name}.service"])
+        else:
+            plan_forget(plan, MODULE_NAME, self.name, RESTORE_ORDER)
         finish(self.module, plan, installed=installed, removed=removed, **result)
 
 

@@ -256,6 +256,20 @@ def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order
     _plan_units(plan, {**_other_entries(name), name: entry})
 
 
+def recorded_args(module_name: str, key: str, order: int) -> dict[str, Any] | None:
+    """The arguments of this module's last recorded run for `key`, None when none is recorded.
+
+    A module may read its own entry to know what it owned before this run (for example
+    wireguard_routes' via_host routes after via_host was dropped).
+    """
+    live = read_bytes(os.path.join(_entries_dir(), entry_name(module_name, key, order)))
+    try:
+        args = json.loads(live).get("ANSIBLE_MODULE_ARGS") if live is not None else None
+    except (ValueError, AttributeError):
+        return None
+    return args if isinstance(args, dict) else None
+
+
 def plan_forget(plan: ChangePlan, module_name: str, key: str, order: int) -> None:
     """Remove this module's entry (state=absent), and with the last entry everything else."""
     name = entry_name(module_name, key, order)

@@ -30,6 +30,7 @@ from ansible.module_utils.netloom.common import (
     CommandError,
     InputError,
     guarded,
+    not_a_host_reason,
     port,
     run_command,
 )
@@ -50,6 +51,21 @@ USERSPACE_SOCKET_DIR = "/var/run/wireguard"
 SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 USERSPACE_DROPIN = "netloom-wireguard-go.conf"
 CONFIG_HEADER = "# Managed by netloom (wireguard_interface); local edits are overwritten.\n"
+# How a declared endpoint is kept: `on_change` sets it when the peer is new, has no endpoint, or
+# the declaration changed since the last run (a peer behind NAT that roamed is left alone);
+# `always` resets any other live endpoint on every run.
+ENDPOINT_POLICIES = ("on_change", "always")
+# IPv4 ranges that no host holds (common.not_a_host_reason names them).
+_NOT_A_HOST = tuple(ipaddress.IPv4Network(net) for net in
+                    ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+# IPv6 ranges that can never be a peer's endpoint or an interface or peer address.
+_NOT_A_HOST_V6 = (
+    (ipaddress.IPv6Network("::/128"), "the unspecified address (::)"),
+    (ipaddress.IPv6Network("::1/128"), "the loopback address (::1)"),
+    (ipaddress.IPv6Network("ff00::/8"), "a multicast address (ff00::/8)"),
+)
+# wireguard-go prints a boxed banner on stderr on every start; its real errors are the other lines.
+_BANNER_CHARS = "┌│└"
 
 
 # ---- validation and normalisation ----
@@ -65,6 +81,25 @@ def wg_key(field_name: str, value: object, secret: bool = False) -> str:
         raise InputError(field_name, HIDDEN if secret else value,
                          f"not a WireGuard key (base64 of {KEY_BYTES} bytes, 44 characters)")
     return text
+
+
+def address_reason(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address cannot be a host's (an endpoint or an interface address), None when it can."""
+    if address.version == 4:
+        return not_a_host_reason(address)  # type: ignore[arg-type]
+    for network, reason in _NOT_A_HOST_V6:
+        if address in network:
+            return reason
+    return None
+
+
+def network_reason(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+    """Why a peer's AllowedIPs entry cannot make sense: it lies wholly in a range no host holds."""
+    reason = address_reason(network.network_address)
+    if reason is None:
+        return None
+    blocks = _NOT_A_HOST if network.version == 4 else tuple(block for block, _ in _NOT_A_HOST_V6)
+    return reason if any(network.subnet_of(block) for block in blocks) else None  # type: ignore[arg-type]
 
 
 def network_sort_key(text: str) -> tuple[int, int, int]:
@@ -106,6 +141,9 @@ def resolve_endpoint(field_name: str, value: object) -> tuple[str, frozenset[str
     except ValueError:
         literal = None
     if literal is not None:
+        reason = address_reason(literal)
+        if reason:
+            raise InputError(field_name, value, f"an endpoint must be a unicast host address: it is {reason}")
         canonical = format_endpoint(str(literal), port_number)
         return canonical, frozenset([canonical])
     try:
@@ -129,6 +167,7 @@ class PeerSpec:
     endpoint: str | None = None
     endpoint_forms: frozenset[str] = frozenset()
     preshared_key: str | None = field(default=None, repr=False)
+    endpoint_policy: str = "on_change"
 
 
 @dataclass(frozen=True)
@@ -198,7 +237,22 @@ def peer_view(peer: PeerSpec | PeerState) -> dict[str, object]:
     }
 
 
-def peer_differences(spec: PeerSpec, live: PeerState | None) -> list[str]:
+def endpoint_due(spec: PeerSpec, live: PeerState, last_declared: str | None) -> bool:
+    """Whether the declared endpoint must be set on a live peer.
+
+    With policy `on_change` a live endpoint that differs only because the peer roamed (NAT, a
+    new address) is left alone: the endpoint is set when the peer has none, or when the
+    declaration differs from `last_declared` (the endpoint the saved config holds, i.e. what
+    the last run set). Otherwise every run would reset the roamed endpoint and never settle.
+    """
+    if not spec.endpoint or live.endpoint in spec.endpoint_forms:
+        return False
+    if spec.endpoint_policy == "always" or live.endpoint is None:
+        return True
+    return last_declared != spec.endpoint
+
+
+def peer_differences(spec: PeerSpec, live: PeerState | None, last_declared: str | None = None) -> list[str]:
     """Fields to set so the live peer matches the declaration (for a new peer: every declared one)."""
     if live is None:
         fields = ["allowed_ips"]
@@ -209,7 +263,7 @@ def peer_differences(spec: PeerSpec, live: PeerState | None) -> list[str]:
     fields = []
     if spec.allowed_ips != live.allowed_ips:
         fields.append("allowed_ips")
-    if spec.endpoint and live.endpoint not in spec.endpoint_forms:
+    if endpoint_due(spec, live, last_declared):
         fields.append("endpoint")
     if spec.persistent_keepalive != live.persistent_keepalive:
         fields.append("persistent_keepalive")
@@ -255,6 +309,9 @@ def render_config(spec: InterfaceSpec, private_key: str) -> str:
     lines = [CONFIG_HEADER.rstrip("\n"), "[Interface]", f"PrivateKey = {private_key}"]
     if spec.addresses:
         lines.append(f"Address = {', '.join(spec.addresses)}")
+    # wg-quick must install no route at boot (no policy routing for 0.0.0.0/0, no public /32):
+    # routes come only from wireguard_routes, through its filter.
+    lines.append("Table = off")
     if spec.listen_port is not None:
         lines.append(f"ListenPort = {spec.listen_port}")
     if spec.mtu is not None:
@@ -270,6 +327,22 @@ def render_config(spec: InterfaceSpec, private_key: str) -> str:
         if peer.persistent_keepalive:
             lines.append(f"PersistentKeepalive = {peer.persistent_keepalive}")
     return "\n".join(lines) + "\n"
+
+
+def config_endpoints(text: str | None) -> dict[str, str]:
+    """Peer public key -> Endpoint as the saved config holds them: what the last run declared."""
+    endpoints: dict[str, str] = {}
+    public_key = None
+    for line in (text or "").splitlines():
+        name, sep, value = line.partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if line.strip().lower() == "[peer]":
+            public_key = None
+        elif sep and name == "publickey":
+            public_key = value
+        elif sep and name == "endpoint" and public_key:
+            endpoints[public_key] = value
+    return endpoints
 
 
 def redact_config(text: str) -> str:
@@ -409,7 +482,16 @@ def start_userspace(name: str) -> None:
     proc = subprocess.run([binary, name], capture_output=True, text=True, env=env,
                           start_new_session=True, check=False)
     if proc.returncode != 0:
-        raise CommandError(f"wireguard-go {name} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        raise CommandError(f"wireguard-go {name} failed ({proc.returncode}): "
+                           f"{userspace_failure(proc.stdout, proc.stderr)}")
+
+
+def userspace_failure(stdout: str, stderr: str) -> str:
+    """wireguard-go's real error: its ERROR lines (on stdout), never the banner box on stderr."""
+    lines = [line.strip() for line in (stdout + "\n" + stderr).splitlines()
+             if line.strip() and line.strip()[0] not in _BANNER_CHARS]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return "; ".join((errors or lines)[-5:]) or "no error output"
 
 
 def stop_userspace(name: str, link_exists: Callable[[], bool], delete_link: Callable[[], None]) -> None:
