@@ -98,15 +98,24 @@ def _zip_bytes(files: Iterable[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def _payload_files(module_name: str) -> list[tuple[str, bytes]]:
-    """The code of this run: Ansible's payload zip, or (run from a checkout) the same tree from disk."""
+def _payload_files(module_name: str) -> tuple[list[tuple[str, bytes]], str]:
+    """The code of this run and the module's import name in it.
+
+    Ansible's payload zip holds a library module as ansible/legacy/NAME.py; a module run from
+    a checkout (the tests) gets the same tree built from disk, as ansible/modules/NAME.py.
+    """
     basic = sys.modules["ansible.module_utils.basic"].__file__ or ""
     marker = ".zip" + os.sep
     if marker in basic:
         with zipfile.ZipFile(basic[:basic.index(marker) + 4]) as archive:
             # sitecustomize.py is AnsiballZ's per-run path shim, not module code.
-            return [(name, archive.read(name)) for name in archive.namelist()
-                    if name != "sitecustomize.py" and not name.endswith("/")]
+            files = [(name, archive.read(name)) for name in archive.namelist()
+                     if name != "sitecustomize.py" and not name.endswith("/")]
+        for name, _ in files:
+            parts = name[:-len(".py")].split("/")
+            if parts[-1] == module_name and "module_utils" not in parts:
+                return files, ".".join(parts)
+        raise InputError("module", module_name, "its own code is not in the Ansible payload")
     import ansible.module_utils as module_utils  # only needed off the Ansible path
 
     files = [("ansible/__init__.py", b""), ("ansible/modules/__init__.py", b"")]
@@ -129,7 +138,7 @@ def _payload_files(module_name: str) -> list[tuple[str, bytes]]:
                 seen.add(archived)
                 with open(os.path.join(folder, name), "rb") as handle:
                     files.append((archived, handle.read()))
-    return files
+    return files, f"ansible.modules.{module_name}"
 
 
 def _digest(data: bytes | None) -> str | None:
@@ -236,10 +245,12 @@ def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order
     skip = set(secret_options) | {"_ansible_check_mode", "_ansible_diff"}
     args = {option: value for option, value in sorted(module.params.items())
             if value is not None and option not in skip}
+    files, import_name = _payload_files(module_name)
     entry = {"ANSIBLE_MODULE_ARGS": args,
-             "netloom_restore": {"module": module_name, "phases": phases, "after": sorted(set(after))}}
+             "netloom_restore": {"module": module_name, "import": import_name, "phases": phases,
+                                 "after": sorted(set(after))}}
     entry_bytes = (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode()
-    payload = _zip_bytes(_payload_files(module_name))
+    payload = _zip_bytes(files)
     _plan_file(plan, f"restore payload {module_name}",
                _path(restore.STATE_DIR, "payloads", f"{module_name}.zip"), payload, shown="digest")
     entry_path = os.path.join(_entries_dir(), name)

@@ -4,8 +4,9 @@ This file is the boot-time runner (stdlib only). Every module that converges ker
 which nothing else brings back after a reboot (links, addresses, routes, iptables chains,
 sysctls) records, on each successful real run, an entry: its arguments as Ansible gave them
 and the exact code that ran (the module's payload zip). At boot, systemd runs this file once
-per phase, and it runs each recorded module again with `python3 -m ansible.modules.NAME
-ARGS.json`, Ansible's own way to run a module by hand. The node converges through the same
+per phase, and it runs each recorded module again with `python3 -m IMPORT_NAME
+ARGS.json` (ansible.legacy.NAME as Ansible packs a library module), Ansible's own way to run
+a module by hand. The node converges through the same
 code the last Ansible run used, so the boot path can never drift from the modules.
 
 Phases: `early` runs before Docker starts (no container can send before the overlay, the
@@ -44,7 +45,7 @@ def replay(root: str, phase: str, python: str = sys.executable) -> int:
         module = entry["netloom_restore"]["module"]
         payload = os.path.join(root, STATE_DIR, "payloads", f"{module}.zip")
         env = {**os.environ, "PYTHONPATH": payload}
-        proc = subprocess.run([python, "-m", f"ansible.modules.{module}", path], env=env,
+        proc = subprocess.run([python, "-m", entry["netloom_restore"]["import"], path], env=env,
                               capture_output=True, text=True, check=False)
         try:
             result = json.loads(proc.stdout)
