@@ -4,10 +4,10 @@ This file is the boot-time runner (stdlib only). Every module that converges ker
 which nothing else brings back after a reboot (links, addresses, routes, iptables chains,
 sysctls) records, on each successful real run, an entry: its arguments as Ansible gave them
 and the exact code that ran (the module's payload zip). At boot, systemd runs this file once
-per phase, and it runs each recorded module again with `python3 -m IMPORT_NAME
-ARGS.json` (ansible.legacy.NAME as Ansible packs a library module), Ansible's own way to run
-a module by hand. The node converges through the same
-code the last Ansible run used, so the boot path can never drift from the modules.
+per phase, and it runs each recorded module again with `python3 -m IMPORT_NAME ARGS.json`
+(IMPORT_NAME is ansible.legacy.NAME, where Ansible packs a library module), Ansible's own way
+to run a module by hand. The node converges through the same code the last Ansible run used,
+so the boot path can never drift from the modules.
 
 Phases: `early` runs before Docker starts (no container can send before the overlay, the
 DNAT rules and the CVE-2020-8558 guard are back); `late` runs after Docker and wg-quick
