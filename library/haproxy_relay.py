@@ -285,7 +285,7 @@ from ansible.module_utils.netloom.common import (
 )
 
 DROPIN_NAME = "netloom-haproxy-relay.conf"
-_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@-]+$")
+_UNIT_RE = re.compile(r"[A-Za-z0-9:_.@-]+")  # fullmatch: `$` passes a trailing newline
 
 
 class SystemdService:
@@ -358,7 +358,7 @@ class HaproxyRelayManager:
             unit = self.params["service"]
             if unit.endswith(".service"):
                 unit = unit[: -len(".service")]
-            if not unit or not _UNIT_RE.match(unit):
+            if not unit or not _UNIT_RE.fullmatch(unit):
                 raise InputError("service", self.params["service"], "not a systemd unit name")
             if not SystemdService.booted():
                 raise InputError("manage_service", True,

@@ -18,7 +18,14 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from ansible.module_utils.netloom.common import CommandError, InputError, int_range, ipv4_address, port
+from ansible.module_utils.netloom.common import (
+    CommandError,
+    InputError,
+    int_range,
+    ipv4_address,
+    not_a_host_reason,
+    port,
+)
 
 try:
     import jinja2
@@ -42,14 +49,15 @@ DEFAULT_LOG_TARGET = "stdout"
 HOLD_STATUSES = ("nx", "other", "refused", "timeout", "valid", "obsolete")
 TLS_MODES = ("passthrough", "terminate")
 
+# Patterns are used with fullmatch: `$` would also match before a trailing newline.
 # HAProxy: proxy, server and resolvers names are letters, digits, '-', '_', '.' and ':'.
-_IDENT_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_IDENT_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 # HAProxy time values: a positive integer with an optional unit (default milliseconds).
-_DURATION_RE = re.compile(r"^[1-9][0-9]*(us|ms|s|m|h|d)?$")
+_DURATION_RE = re.compile(r"[1-9][0-9]*(us|ms|s|m|h|d)?")
 # DNS label; '_' allowed because Docker resolves compose container names such as esb_registry_1.
-_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # Characters a file path may hold unquoted in haproxy.cfg, and in a systemd unit line.
-_PLAIN_WORD_RE = re.compile(r"^[A-Za-z0-9_./@+:=-]+$")
+_PLAIN_WORD_RE = re.compile(r"[A-Za-z0-9_./@+:=-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -103,7 +111,7 @@ def identifier(field_name: str, value: Any) -> str:
     text = "" if value is None else str(value)
     if not text:
         raise InputError(field_name, value, "must not be empty")
-    if not _IDENT_RE.match(text):
+    if not _IDENT_RE.fullmatch(text):
         raise InputError(field_name, value,
                          "HAProxy names allow letters, digits and '-', '_', '.', ':' only")
     return text
@@ -111,10 +119,25 @@ def identifier(field_name: str, value: Any) -> str:
 
 def duration(field_name: str, value: Any) -> str:
     text = str(value).strip()
-    if not _DURATION_RE.match(text):
+    if not _DURATION_RE.fullmatch(text):
         raise InputError(field_name, value,
                          "not an HAProxy time: a positive integer with unit us, ms, s, m, h or d")
     return text
+
+
+# Addresses a relay can talk to although no remote host holds them: a local service on
+# loopback (HAProxy itself, Docker's DNS 127.0.0.11) and link-local ones (a metadata service).
+_LOCAL_PEERS = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv4Network("169.254.0.0/16"))
+
+
+def peer_address(field_name: str, value: Any, address: ipaddress.IPv4Address,
+                 wildcard: bool = False) -> str:
+    """An address HAProxy can bind to or connect to (0.0.0.0 only as a bind `wildcard`)."""
+    reason = not_a_host_reason(address)
+    if (reason and not any(address in net for net in _LOCAL_PEERS)
+            and not (wildcard and address == ipaddress.IPv4Address("0.0.0.0"))):
+        raise InputError(field_name, value, f"cannot be used here: it is {reason}")
+    return str(address)
 
 
 def host(field_name: str, value: Any) -> tuple[str, bool]:
@@ -122,15 +145,19 @@ def host(field_name: str, value: Any) -> tuple[str, bool]:
     text = str(value).strip().rstrip(".") if value is not None else ""
     if not text:
         raise InputError(field_name, value, "must not be empty")
-    if re.match(r"^[0-9.]+$", text):  # all digits and dots: meant as an address, so it must be one
-        return str(ipv4_address(field_name, text)), False
-    if len(text) > 253 or not all(_LABEL_RE.match(label) for label in text.split(".")):
+    if re.fullmatch(r"[0-9.]+", text):  # all digits and dots: meant as an address, so it must be one
+        return peer_address(field_name, value, ipv4_address(field_name, text)), False
+    if len(text) > 253 or not all(_LABEL_RE.fullmatch(label) for label in text.split(".")):
         raise InputError(field_name, value, "not an IPv4 address or a DNS name")
     return text.lower(), True
 
 
-def address_port(field_name: str, value: Any, default_port: int | None = None) -> tuple[str, int]:
-    """IPv4 'address:port' (the port may be left out when a default exists); errors show the whole value."""
+def address_port(field_name: str, value: Any, default_port: int | None = None,
+                 wildcard: bool = False) -> tuple[str, int]:
+    """IPv4 'address:port' (the port may be left out when a default exists); errors show the whole value.
+
+    The address must be one HAProxy can use (see peer_address); 0.0.0.0 only with `wildcard`.
+    """
     text = "" if value is None else str(value).strip()
     address, sep, port_text = text.rpartition(":")
     if not sep:
@@ -138,9 +165,10 @@ def address_port(field_name: str, value: Any, default_port: int | None = None) -
             raise InputError(field_name, value, "needs address:port, e.g. 127.0.0.1:9000")
         address, port_text = text, str(default_port)
     try:
-        address = str(ipaddress.IPv4Address(address))
+        parsed = ipaddress.IPv4Address(address)
     except ValueError:
         raise InputError(field_name, value, f"{address!r} is not an IPv4 address") from None
+    address = peer_address(field_name, value, parsed, wildcard)
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise InputError(field_name, value, "the port must be between 1 and 65535")
     return address, int(port_text)
@@ -158,7 +186,7 @@ def file_path(field_name: str, value: Any) -> str:
 def config_path(field_name: str, value: Any) -> str:
     """The live config path; it is also written into the systemd drop-in, so no quoting there."""
     text = file_path(field_name, value)
-    if not _PLAIN_WORD_RE.match(text) or text.endswith("/"):
+    if not _PLAIN_WORD_RE.fullmatch(text) or text.endswith("/"):
         raise InputError(field_name, value, "allows letters, digits and _./@+:=- only, and names a file")
     return text
 
@@ -196,7 +224,7 @@ def _parse_relay(field_name: str, value: Any) -> Relay:
     if not isinstance(value, dict):
         raise InputError(field_name, value, "each relay is a dict")
     name = identifier(f"{field_name}.name", value.get("name"))
-    bind_address, bind_port = address_port(f"{field_name}.bind", value.get("bind"))
+    bind_address, bind_port = address_port(f"{field_name}.bind", value.get("bind"), wildcard=True)
     backend_host, is_name = host(f"{field_name}.backend_host", value.get("backend_host"))
     backend_port = port(f"{field_name}.backend_port", value.get("backend_port"))
     mode = _given(value.get("mode"), "tcp")
@@ -293,7 +321,7 @@ def haproxy_quote(value: Any) -> str:
     characters are refused by validation because no quoting can carry a newline.
     """
     text = str(value)
-    if _PLAIN_WORD_RE.match(text):
+    if _PLAIN_WORD_RE.fullmatch(text):
         return text
     return "'" + text.replace("'", "'\\''") + "'"
 

@@ -147,6 +147,31 @@ def test_bad_input_fails_naming_field_and_changes_nothing(tmp_path: pathlib.Path
     assert dir_listing(live) == ["haproxy.cfg"]
 
 
+@pytest.mark.parametrize(("extra", "field", "value"), [
+    # names ending in a newline: `^...$` patterns let them through to haproxy.cfg and systemd
+    ({"relays": [dict(SEED[0], name="s3\n")]}, "relays[0].name", "s3\n"),
+    ({"resolvers": {"name": "dns\n"}}, "resolvers.name", "dns\n"),
+    ({"manage_service": True, "service": "haproxy\n"}, "service", "haproxy\n"),
+    # addresses no host holds
+    ({"relays": [dict(SEED[0], backend_host="255.255.255.255")]}, "relays[0].backend_host",
+     "255.255.255.255"),
+    ({"relays": [dict(SEED[0], backend_host="0.0.0.0")]}, "relays[0].backend_host", "0.0.0.0"),
+    ({"relays": [dict(SEED[0], bind="224.0.0.9:9000")]}, "relays[0].bind", "224.0.0.9:9000"),
+    ({"resolvers": {"nameservers": ["240.0.0.1:53"]}}, "resolvers.nameservers[0]", "240.0.0.1:53"),
+])
+def test_hostile_names_and_addresses_fail_naming_field_and_value(
+        tmp_path: pathlib.Path, extra: dict[str, Any], field: str, value: str) -> None:
+    live = tmp_path / "haproxy.cfg"
+    assert run_module("haproxy_relay", args_for(live, SEED))["changed"]
+    live_bytes = live.read_bytes()
+    result = run_module("haproxy_relay", {**args_for(live, SEED), **extra})
+    assert result.get("failed") is True, result
+    assert result["field"] == field and result["value"] == value
+    assert f"{field}={value!r}" in result["msg"]
+    assert live.read_bytes() == live_bytes
+    assert dir_listing(live) == ["haproxy.cfg"]
+
+
 def test_hand_edited_config_is_restored(tmp_path: pathlib.Path) -> None:
     live = tmp_path / "haproxy.cfg"
     run_module("haproxy_relay", args_for(live, SEED))

@@ -213,12 +213,32 @@ TWO = [relay(name="a", bind="127.0.0.1:9000"), relay(name="b", bind="127.0.0.2:9
     ({"relays": [relay(mode="")]}, "relays[0].mode", ""),
     ({"relays": [relay()], "log_target": "syslog"}, "log_target", "syslog"),
     ({"relays": [relay()], "log_target": ""}, "log_target", ""),
+    # names ending in a newline (`$` would have matched before it)
+    ({"relays": [relay(name="s3\n")]}, "relays[0].name", "s3\n"),
+    ({"relays": [relay()], "resolvers": {"name": "dns\n"}}, "resolvers.name", "dns\n"),
+    ({"relays": [relay(backend_host="a\nb")]}, "relays[0].backend_host", "a\nb"),
+    # addresses no host holds
+    ({"relays": [relay(backend_host="0.0.0.0")]}, "relays[0].backend_host", "0.0.0.0"),
+    ({"relays": [relay(backend_host="255.255.255.255")]}, "relays[0].backend_host", "255.255.255.255"),
+    ({"relays": [relay(backend_host="224.0.0.1")]}, "relays[0].backend_host", "224.0.0.1"),
+    ({"relays": [relay(bind="239.1.1.1:80")]}, "relays[0].bind", "239.1.1.1:80"),
+    ({"relays": [relay(bind="0.0.0.1:80")]}, "relays[0].bind", "0.0.0.1:80"),
+    ({"relays": [relay()], "resolvers": {"nameservers": ["0.0.0.0:53"]}},
+     "resolvers.nameservers[0]", "0.0.0.0:53"),
 ])
 def test_bad_input_names_field_and_value(params: dict[str, Any], field: str, value: str) -> None:
     with pytest.raises(InputError) as err:
         parse_config(params)
     assert err.value.field_name == field
     assert str(err.value.value) == value
+
+
+def test_loopback_and_link_local_peers_are_fine() -> None:
+    config = parse_config({"relays": [relay(name="a", backend_host="127.0.0.1"),
+                                      relay(name="b", bind="127.0.0.1:9001", backend_host="169.254.169.254")],
+                           "resolvers": {"nameservers": ["127.0.0.11"]}})
+    assert [r.backend_host for r in config.relays] == ["127.0.0.1", "169.254.169.254"]
+    assert config.resolvers.nameservers == ["127.0.0.11:53"]
 
 
 def test_wildcard_bind_on_another_port_is_fine() -> None:
