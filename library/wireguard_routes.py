@@ -308,9 +308,9 @@ class WireguardRoutes:
             return None
         if live.proto == RTPROT_KERNEL:
             return f"connected on {names.get(live.oif, live.oif)}: the kernel's route is kept"
-        if live.proto == NETLOOM_ROUTE_PROTO and live.gateway is None and live.oif not in (None, index):
-            return (f"routed through {names.get(live.oif, live.oif)} by netloom for that interface: "
-                    "another interface's route is left alone")
+        if live.proto == NETLOOM_ROUTE_PROTO and not self.owned(live, index):
+            where = f"via {live.gateway}" if live.gateway else f"through {names.get(live.oif, live.oif)}"
+            return f"routed {where} by netloom for another interface: its route is left alone"
         return None
 
     @staticmethod

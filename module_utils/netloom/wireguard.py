@@ -130,7 +130,10 @@ def split_endpoint(field_name: str, value: object) -> tuple[str, int]:
             raise InputError(field_name, value, "expected host:port (IPv6 as [address]:port)")
     if not host:
         raise InputError(field_name, value, "endpoint host is empty")
-    return host, port(field_name, port_text)
+    try:
+        return host, port(field_name, port_text)
+    except InputError as err:
+        raise InputError(field_name, value, f"port {port_text!r}: {str(err).split(': ', 1)[1]}") from None
 
 
 def resolve_endpoint(field_name: str, value: object) -> tuple[str, frozenset[str]]:

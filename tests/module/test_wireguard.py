@@ -23,6 +23,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 import pytest
 from ansible.module_utils.netloom.wireguard import DeviceState, parse_dump
 
-from tests.support.netns import Netns, node_python, run_module
+from tests.support.netns import MODULE_UTILS_ON_PATH, ROOT, Netns, node_python, persist_root, run_module
 
 pytestmark = [
     pytest.mark.netns,
@@ -552,3 +553,271 @@ def test_absent_refuses_a_foreign_link_of_the_same_name(lab: Lab) -> None:
     result = lab.gw.interface(state="absent")
     assert result["failed"] and "not a WireGuard interface" in result["msg"]
     assert lab.gw.sh("ip link show wg0", check=False).returncode == 0
+
+
+# ---- issue 6: boot routes, connected routes, ownership, check mode, roaming, bad input ----
+
+def persist_dir(some_node: Node) -> Path:
+    return persist_root(some_node.netns.name)
+
+
+def node_python_in(some_node: Node, argv: list[str], env: dict[str, str] | None = None
+                   ) -> subprocess.CompletedProcess[str]:
+    """A program run inside the node's network and mount namespaces (as it would run on the node)."""
+    enter = ["nsenter", f"--net=/run/netns/{some_node.netns.name}", f"--mount={some_node.mount_ns}"]
+    return subprocess.run([*enter, *argv], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def test_wg_quick_at_boot_installs_no_route_and_the_replay_installs_only_filtered_ones(lab: Lab) -> None:
+    gw_public, cp_public = build_tunnel(lab)
+    wide = new_public_key(lab.gw)
+    peers = [{"public_key": wide, "allowed_ips": ["0.0.0.0/0", "203.0.113.7/32", "10.88.3.0/24"]}]
+    assert lab.gw.interface(**gateway_args(cp_public, peers))["changed"]
+    routed = lab.gw.routes()
+    assert sorted(routed["installed"]) == ["10.88.2.0/24", "10.88.3.0/24", "10.99.0.2/32"]
+    assert {entry["cidr"] for entry in routed["refused"]} == {"0.0.0.0/0", "203.0.113.7/32"}
+    assert "restore entry 40-wireguard_routes@wg0.json" in " ".join(routed["changes"])
+    entry = json.loads((persist_dir(lab.gw) / "var/lib/netloom/restore/entries/40-wireguard_routes@wg0.json")
+                       .read_text())
+    assert entry["netloom_restore"]["module"] == "wireguard_routes"
+    assert entry["netloom_restore"]["phases"] == ["late"]
+    assert entry["netloom_restore"]["after"] == ["wg-quick@wg0.service"]
+    late_unit = (persist_dir(lab.gw) / "etc/systemd/system/netloom-restore-late.service").read_text()
+    assert "wg-quick@wg0.service" in late_unit.split("After=", 1)[1].splitlines()[0]
+
+    conf = lab.gw.config_dir / "wg0.conf"
+    assert "Table = off" in conf.read_text().split("[Peer]", 1)[0]
+    lab.gw.sh(f"wg-quick strip {shlex.quote(str(conf))}")  # wg-quick's own parser accepts it
+
+    # "Reboot": the interface and every route through it are gone; wg-quick@wg0 brings it back.
+    lab.gw.kill_userspace()
+    lab.gw.sh("ip link del wg0", check=False)
+    assert "wg0" not in lab.gw.routes_table()
+    up = node_python_in(lab.gw, ["wg-quick", "up", str(conf)],
+                        {"WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"})
+    assert up.returncode == 0, up.stderr
+    all_routes = lab.gw.sh("ip -4 route show table all").stdout
+    rules = lab.gw.sh("ip -4 rule show").stdout
+    assert "default" not in all_routes and "0.0.0.0/0" not in all_routes and "203.0.113.7" not in all_routes
+    assert "proto 250" not in all_routes and "10.88." not in all_routes
+    assert "fwmark" not in rules and "suppress_prefixlength" not in rules, rules
+    assert "10.99.0.0/24 dev wg0 proto kernel scope link src 10.99.0.1" in lab.gw.routes_table()
+
+    root = persist_dir(lab.gw)
+    replay = node_python_in(lab.gw, [sys.executable, str(root / "usr/lib/netloom/netloom-restore"), "late"],
+                            {"NETLOOM_PERSIST_ROOT": str(root)})
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "40-wireguard_routes@wg0.json: changed" in replay.stdout
+    table = lab.gw.routes_table()
+    for line in ("10.99.0.2 dev wg0 proto 250 scope link", "10.88.2.0/24 dev wg0 proto 250 scope link",
+                 "10.88.3.0/24 dev wg0 proto 250 scope link",
+                 "10.99.0.0/24 dev wg0 proto kernel scope link src 10.99.0.1"):
+        assert line in table
+    all_routes = lab.gw.sh("ip -4 route show table all").stdout
+    assert "default" not in all_routes and "203.0.113.7" not in all_routes
+    assert lab.gw.pings(CP_TUNNEL)
+    assert lab.gw.routes()["changed"] is False
+    assert lab.gw.interface(**gateway_args(cp_public, peers))["changed"] is False, "the config rebuilt it all"
+    assert gw_public == lab.gw.sh("wg show wg0 public-key").stdout.strip()
+
+
+def test_the_connected_route_is_left_alone(lab: Lab) -> None:
+    gw_public = lab.gw.interface(addresses=[f"{GW_TUNNEL}/24"], listen_port=51820)["public_key"]
+    cp_public = lab.cp.interface(addresses=[f"{CP_TUNNEL}/24"], listen_port=51820)["public_key"]
+    assert lab.gw.interface(**gateway_args(cp_public))["changed"]
+    # As the edge roles declare it: the compute side allows the whole control network.
+    cp_args = {"addresses": [f"{CP_TUNNEL}/24"], "listen_port": 51820,
+               "peers": [{"public_key": gw_public, "allowed_ips": ["10.99.0.0/24"],
+                          "endpoint": "gateway:51820", "persistent_keepalive": 25}]}
+    assert lab.cp.interface(**cp_args)["changed"]
+    kernel_route = f"10.99.0.0/24 dev wg0 proto kernel scope link src {CP_TUNNEL}"
+    assert kernel_route in lab.cp.routes_table()
+
+    for args in ({"extra_routes": ["10.99.0.0/24"]}, {}):
+        result = lab.cp.routes(**args)
+        assert not result.get("failed"), result
+        assert result["installed"] == [] and result["removed"] == [] and result["accepted"] == []
+        assert [entry["cidr"] for entry in result["skipped"]] == ["10.99.0.0/24"]
+        assert "connected prefix of wg0" in result["skipped"][0]["reason"]
+        assert not any(change.startswith(("create route", "update route")) for change in result["changes"])
+        assert kernel_route in lab.cp.routes_table() and "proto 250" not in lab.cp.routes_table()
+    assert lab.cp.pings(GW_TUNNEL)
+    assert lab.cp.routes()["changed"] is False
+
+    # A prefix connected on another interface is not taken over either.
+    lab.cp.sh("ip link add nlside type veth peer name nlside-peer && ip addr add 10.55.0.1/24 dev nlside"
+              " && ip link set nlside up")
+    cp_args["peers"][0]["allowed_ips"] = ["10.99.0.0/24", "10.55.0.0/24"]
+    lab.cp.interface(**cp_args)
+    side = lab.cp.routes()
+    assert {entry["cidr"]: entry["reason"] for entry in side["skipped"]}["10.55.0.0/24"].startswith(
+        "connected on nlside")
+    assert "10.55.0.0/24 dev nlside proto kernel" in lab.cp.routes_table() and side["installed"] == []
+
+    gone = lab.cp.routes(state="absent")
+    assert gone["removed"] == [] and kernel_route in lab.cp.routes_table()
+    assert "delete restore entry 40-wireguard_routes@wg0.json" in gone["changes"]
+    assert not (persist_dir(lab.cp) / "var/lib/netloom/restore/entries/40-wireguard_routes@wg0.json").exists()
+
+
+def test_two_wireguard_interfaces_never_touch_each_others_routes(lab: Lab) -> None:
+    build_tunnel(lab)
+    wg1_peer = new_public_key(lab.gw)
+    wg1 = lab.gw.run("wireguard_interface", {
+        "name": "wg1", "config_dir": str(lab.gw.config_dir), "manage_service": False,
+        "addresses": ["10.98.0.1/24"], "listen_port": 51821,
+        "peers": [{"public_key": wg1_peer, "allowed_ips": ["10.77.0.0/24", "10.88.2.0/24"]}]})
+    assert wg1["changed"] and wg1["implementation"] == lab.implementation
+    if lab.userspace:
+        assert len(lab.gw.userspace_pids()) == 2, "two wireguard-go interfaces in one netns"
+
+    via = {"via_host": "runtime-node"}
+    first = lab.gw.routes(**via)
+    assert sorted(first["installed"]) == ["10.88.2.0/24", "10.99.0.2/32"]
+    second = lab.gw.routes(interface="wg1")
+    assert second["installed"] == ["10.77.0.0/24"] and second["removed"] == []
+    skipped = {entry["cidr"]: entry["reason"] for entry in second["skipped"]}
+    assert skipped == {"10.88.2.0/24": f"routed via {CP_UNDERLAY} by netloom for another interface: "
+                                       "its route is left alone"}
+    table = lab.gw.routes_table()
+    assert "10.77.0.0/24 dev wg1 proto 250 scope link" in table
+    assert f"10.88.2.0/24 via {CP_UNDERLAY} dev veth-gw proto 250" in table
+    assert "10.99.0.2 dev wg0 proto 250 scope link" in table
+    assert lab.gw.routes(**via)["changed"] is False and lab.gw.routes(interface="wg1")["changed"] is False
+
+    # wg0 without via_host: its own via route becomes a dev route; wg1's route is not claimed.
+    dev_only = lab.gw.routes()
+    assert dev_only["changes"][:1] == ["update route 10.88.2.0/24"] and dev_only["removed"] == []
+    assert "10.77.0.0/24 dev wg1 proto 250" in lab.gw.routes_table()
+    # wg1 now finds a dev route of wg0 for 10.88.2.0/24 and leaves it.
+    assert lab.gw.routes(interface="wg1")["changed"] is False
+
+    gone = lab.gw.routes(interface="wg1", state="absent")
+    assert gone["removed"] == ["10.77.0.0/24"]
+    table = lab.gw.routes_table()
+    assert "dev wg1 proto 250" not in table and "10.99.0.2 dev wg0 proto 250" in table
+    assert "10.88.2.0/24 dev wg0 proto 250" in table
+    assert sorted(lab.gw.routes(state="absent")["removed"]) == ["10.88.2.0/24", "10.99.0.2/32"]
+    assert "proto 250" not in lab.gw.routes_table()
+
+
+def test_check_mode_on_a_node_without_the_interface(lab: Lab) -> None:
+    preview = lab.gw.routes(check_mode=True, extra_routes=["10.77.0.0/16"])
+    assert not preview.get("failed"), preview
+    assert preview["changed"] and "wg0 does not exist yet" in preview["pending"]
+    assert preview["changes"][:2] == ["create routes for the AllowedIPs of wg0", "create route 10.77.0.0/16"]
+    assert "create restore entry 40-wireguard_routes@wg0.json" in preview["changes"]
+    route = {"cidr": "10.77.0.0/16", "dev": "wg0"}
+    assert preview["diff"]["after"]["route 10.77.0.0/16"] == {**route, "proto": 250}
+    assert preview["accepted"] == [{**route, "reason": "declared in extra_routes"}]
+    assert not persist_dir(lab.gw).exists() and "proto 250" not in lab.gw.routes_table()
+
+    real = lab.gw.routes(extra_routes=["10.77.0.0/16"])
+    assert real["failed"] and real["field"] == "interface" and real["value"] == "wg0"
+    assert "interface='wg0': does not exist" in real["msg"]
+    assert not persist_dir(lab.gw).exists()
+
+    # The interface's own check mode on the same fresh node: no key, no link, no files.
+    fresh = lab.gw.interface(check_mode=True, **gateway_args(new_public_key(lab.gw)))
+    assert fresh["changed"] and fresh["public_key"] is None
+    assert not lab.gw.config_dir.exists()
+
+
+def test_a_roamed_endpoint_is_left_and_a_changed_declaration_is_applied(lab: Lab) -> None:
+    _, cp_public = build_tunnel(lab)
+    # A peer that never sends, so only this test moves its live endpoint.
+    far = new_public_key(lab.gw)
+    declared = {"public_key": far, "allowed_ips": ["10.88.3.0/24"], "endpoint": "192.0.2.99:51820"}
+    assert lab.gw.interface(**gateway_args(cp_public, [declared]))["changed"]
+    assert lab.gw.dump().peers[far].endpoint == "192.0.2.99:51820"
+
+    # The peer roams behind NAT: WireGuard learns a new live endpoint from its packets.
+    lab.gw.sh(f"wg set wg0 peer {far} endpoint 198.51.100.20:40000")
+    settled = lab.gw.interface(**gateway_args(cp_public, [declared]))
+    assert settled["changed"] is False, settled["changes"]
+    assert lab.gw.dump().peers[far].endpoint == "198.51.100.20:40000"
+
+    moved = dict(declared, endpoint="192.0.2.98:51820")
+    applied = lab.gw.interface(**gateway_args(cp_public, [moved]))
+    assert applied["changes"] == [f"update wg0 peer {far}", f"update config {lab.gw.config_dir / 'wg0.conf'}"]
+    assert lab.gw.dump().peers[far].endpoint == "192.0.2.98:51820"
+    assert "Endpoint = 192.0.2.98:51820" in (lab.gw.config_dir / "wg0.conf").read_text()
+    assert lab.gw.interface(**gateway_args(cp_public, [moved]))["changed"] is False
+
+    lab.gw.sh(f"wg set wg0 peer {far} endpoint 198.51.100.21:40000")
+    strict = dict(moved, endpoint_policy="always")
+    assert lab.gw.interface(**gateway_args(cp_public, [strict]))["changes"] == [f"update wg0 peer {far}"]
+    assert lab.gw.dump().peers[far].endpoint == "192.0.2.98:51820"
+    assert lab.gw.interface(**gateway_args(cp_public, [strict]))["changed"] is False
+
+
+def assert_refused(result: dict[str, Any], field: str, value: str) -> None:
+    assert result.get("failed"), result
+    assert result["field"] == field and result["value"] == value, result
+    assert f"{field}={value!r}" in result["msg"], result["msg"]
+
+
+def assert_gw_untouched(lab: Lab) -> None:
+    assert lab.gw.sh("ip link show wg0", check=False).returncode != 0
+    assert not lab.gw.config_dir.exists() and lab.gw.userspace_pids() == []
+    assert not persist_dir(lab.gw).exists()
+
+
+def test_names_ending_in_a_newline_are_refused(lab: Lab) -> None:
+    cases = [({"name": "wg0\n"}, "name", "wg0\n"),
+             ({"name": "wg:0"}, "name", "wg:0"),
+             ({"config_dir": f"{lab.gw.config_dir}\n"}, "config_dir", f"{lab.gw.config_dir}\n"),
+             ({"config_dir": "etc/wireguard"}, "config_dir", "etc/wireguard")]
+    for args, field, value in cases:
+        assert_refused(lab.gw.interface(**gateway_args(new_public_key(lab.gw)), **args), field, value)
+        assert_gw_untouched(lab)
+    table = lab.gw.routes_table()
+    assert_refused(lab.gw.routes(interface="wg0\n"), "interface", "wg0\n")
+    assert lab.gw.routes_table() == table and not persist_dir(lab.gw).exists()
+
+
+def test_endpoints_addresses_and_allowed_ips_that_cannot_make_sense_are_refused(lab: Lab) -> None:
+    key = new_public_key(lab.gw)
+    endpoints = ["0.0.0.0:51820", "127.0.0.1:51820", "169.254.1.1:51820", "224.0.0.1:51820",
+                 "255.255.255.255:51820", "[::1]:51820", "[ff02::1]:51820", "[::]:51820", "192.0.2.2:0"]
+    for endpoint in endpoints:
+        result = lab.gw.interface(peers=[{"public_key": key, "endpoint": endpoint}])
+        assert_refused(result, "peers[0].endpoint", endpoint)
+        assert_gw_untouched(lab)
+    for cidr in ["127.0.0.1/32", "0.0.0.0/32", "224.0.0.0/4", "255.255.255.255/32", "169.254.0.0/16",
+                 "::1/128", "ff02::/16", "10.88.1.0/33"]:
+        result = lab.gw.interface(peers=[{"public_key": key, "allowed_ips": ["10.88.1.0/24", cidr]}])
+        assert_refused(result, "peers[0].allowed_ips[1]", cidr)
+        assert_gw_untouched(lab)
+    for address in ["0.0.0.0/24", "127.0.0.2/8", "224.0.0.1/24", "255.255.255.255/32", "::1/128"]:
+        assert_refused(lab.gw.interface(addresses=[address]), "addresses[0]", address)
+        assert_gw_untouched(lab)
+
+
+def test_routes_on_an_interface_that_is_not_wireguard_fail_naming_it(lab: Lab) -> None:
+    lab.gw.sh("ip link add nlveth type veth peer name nlveth-peer && ip link set nlveth up"
+              " && ip tuntap add mode tun name nltun && ip link set nltun up")
+    for name, kind in (("nlveth", "is a veth link, not a WireGuard interface"),
+                       ("nltun", "is a tun link that `wg` cannot read")):
+        table = lab.gw.routes_table()
+        result = lab.gw.routes(interface=name, extra_routes=["10.77.0.0/16"])
+        assert_refused(result, "interface", name)
+        assert kind in result["msg"] and "Unable to access interface" not in result["msg"]
+        assert lab.gw.routes_table() == table and not persist_dir(lab.gw).exists()
+
+
+def test_wireguard_go_failure_shows_its_error_not_its_banner(lab: Lab) -> None:
+    # A read-only socket directory makes wireguard-go fail after printing its banner.
+    lab.gw.sh("mount -o remount,ro /run/wireguard")
+    script = MODULE_UTILS_ON_PATH + (
+        "from ansible.module_utils.netloom.wireguard import start_userspace\n"
+        "from ansible.module_utils.netloom.common import CommandError\n"
+        "try:\n    start_userspace('wg0')\nexcept CommandError as err:\n    print(err)\n")
+    # node_python() is the fixture's wrapper, which itself enters the node's mount namespace.
+    proc = subprocess.run(["nsenter", f"--net=/run/netns/{lab.gw.netns.name}", node_python(), "-c", script,
+                           str(ROOT / "module_utils")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "wireguard-go wg0 failed (1): ERROR: (wg0)" in proc.stdout and "UAPI" in proc.stdout, proc.stdout
+    assert "first class support" not in proc.stdout and "│" not in proc.stdout
+    assert lab.gw.sh("ip link show wg0", check=False).returncode != 0
