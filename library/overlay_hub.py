@@ -23,13 +23,27 @@ description:
     (or, for a renamed runner, its underlay IP); otherwise the id of an existing link whose remote
     is the runner's underlay IP (interfaces are the source of truth); otherwise the lowest free id.
     A runner is never renumbered - a declared id that would take another runner's id fails.
-  - Sets C(net.ipv4.ip_forward=1), accepts forwarding from and to the overlay CIDR in the
-    netloom-owned chain C(NETLOOM-OVLHUB-FWD) (jumped to from FORWARD), and puts the VXLAN links
-    into the firewalld C(trusted) zone (runtime and permanent) when firewalld runs.
-  - All input is validated, and live state (links, addresses, iptables, the state file) read once,
-    before anything changes. Check mode and diff come from the same change plan as the real run.
+  - Sets C(net.ipv4.ip_forward=1) and, in the netloom-owned chain C(NETLOOM-OVLHUB-FWD) (jumped to
+    from FORWARD, after Docker's C(DOCKER-USER) jump when there is one, so operators keep their
+    override point), accepts forwarding of packets that come in on an overlay interface
+    (C(LINK_PREFIX+) and the anchor) from the overlay CIDR, and towards those interfaces only
+    replies (conntrack RELATED,ESTABLISHED), so a neighbour that routes the overlay through the hub
+    cannot open connections to workloads. Puts the VXLAN links into the firewalld C(trusted) zone
+    (runtime and permanent, one firewall-cmd call per plane) when firewalld runs.
+  - The plan must not touch 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4 or 240.0.0.0/4
+    (nor be the default route), underlay addresses must be unicast hosts outside the overlay, and
+    the overlay must not overlap a route of this node that netloom does not own (routes through
+    the anchor and the VXLAN links are its own); each refusal names the field, the value and
+    the conflicting range or route.
+  - The converged state is recorded for C(netloom-restore), which replays this module at boot
+    (early, before Docker) so links, addresses, owned chains and ip_forward survive a reboot;
+    C(state=absent) removes that record.
+  - All input is validated, and live state (links, addresses, routes, iptables, the state file) read
+    once, before anything changes. Check mode and diff come from the same change plan as the real run.
+    A run that fails part-way reports C(changed), the steps done (C(changes)) and C(failed_step).
   - C(state=absent) removes every link named C(LINK_PREFIX + N) of kind vxlan, the anchor, the
-    owned chain and its jump, their firewalld zone entries and the state file - nothing else.
+    owned chain and its jump, their firewalld zone entries, the state file and the boot-restore
+    record - nothing else.
     C(net.ipv4.ip_forward) is left as it is (other things may rely on it).
 version_added: "0.1.0"
 author: netloom
@@ -177,7 +191,7 @@ import re
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import CommandError, InputError, ifname, ipv4_address, port
+from ansible.module_utils.netloom.common import CommandError, InputError, ifname, port
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 from ansible.module_utils.netloom.netlink import (
@@ -186,6 +200,7 @@ from ansible.module_utils.netloom.netlink import (
     Netlink,
     Snapshot,
     Vxlan,
+    check_overlay_routes,
     check_vni_free,
     describe_link,
     dummy_supported,
@@ -215,9 +230,12 @@ class OverlayHub(OverlayManager):
     module_name = "overlay_hub"
     restore_order = 10
 
+    dump_routes = True
+
     def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
         super().__init__(module, nl)
         self.anchor: dict[str, Any] = {"name": self.params["anchor_name"]}
+        self.kept_table: list[RunnerRecord] = []
 
     # ---- input ----
 
@@ -226,11 +244,11 @@ class OverlayHub(OverlayManager):
         params = self.params
         self.anchor_name = ifname("anchor_name", params["anchor_name"])
         prefix = str(params["link_prefix"])
-        if not prefix or not re.match(r"^[A-Za-z_.-][A-Za-z0-9_.-]*$", prefix) or prefix[-1].isdigit():
+        if not re.fullmatch(r"[A-Za-z_.-][A-Za-z0-9_.-]*", prefix) or prefix[-1].isdigit():
             raise InputError("link_prefix", prefix, "letters, digits and _.- not ending in a digit")
         self.link_prefix = prefix
-        self.link_re = re.compile(rf"^{re.escape(prefix)}([1-9][0-9]*)$")
-        if self.link_re.match(self.anchor_name):
+        self.link_re = re.compile(rf"{re.escape(prefix)}([1-9][0-9]*)")
+        if self.link_re.fullmatch(self.anchor_name):
             raise InputError("anchor_name", self.anchor_name, f"collides with the link names {prefix}N")
         if params["state"] == "absent":
             self.address_plan = (AddressPlan.from_value(params["plan"])
@@ -240,7 +258,7 @@ class OverlayHub(OverlayManager):
         self.address_plan = AddressPlan.from_value(params["plan"])
         ifname("link_prefix", f"{prefix}{self.address_plan.max_runner_id}")
         self.port = port("port", params["port"])
-        self.underlay_ip = ipv4_address("underlay_ip", params["underlay_ip"])
+        self.underlay_ip = self.address_plan.underlay_address("underlay_ip", params["underlay_ip"])
         if params["vni_base"] < 0:
             raise InputError("vni_base", params["vni_base"], "must not be negative")
         self.specs = parse_runners(self.address_plan, params["runners"])
@@ -255,7 +273,7 @@ class OverlayHub(OverlayManager):
         """VXLAN links named LINK_PREFIX+N: the only links this module manages besides the anchor."""
         owned = {}
         for name, link in snapshot.links.items():
-            match = self.link_re.match(name)
+            match = self.link_re.fullmatch(name)
             if match and link.kind == "vxlan":
                 owned[int(match.group(1))] = link
         return owned
@@ -283,10 +301,13 @@ class OverlayHub(OverlayManager):
         mtu = overlay_mtu("mtu", params["mtu"], underlay)
         state_text, records = self.read_records()
         owned = self.owned_links(snapshot)
+        self.check_anchor_is_ours(snapshot, underlay)
+        check_overlay_routes(snapshot, "plan", params["plan"], address_plan.overlay,
+                             {self.anchor_name, *(link.name for link in owned.values())})
         remotes = {rid: link.vxlan.remote for rid, link in owned.items()
                    if link.vxlan is not None and link.vxlan.remote is not None}
         foreign = {int(match.group(1)) for name, link in snapshot.links.items()
-                   if link.kind != "vxlan" and (match := self.link_re.match(name))}
+                   if link.kind != "vxlan" and (match := self.link_re.fullmatch(name))}
         resolved = sorted(resolve_runner_ids(address_plan, self.specs, records, remotes,
                                              keep_undeclared=not params["purge"], blocked=foreign),
                           key=lambda runner: runner.runner_id)
@@ -324,8 +345,7 @@ class OverlayHub(OverlayManager):
                            [address_plan.runner(runner.runner_id).hub_interface],
                            fresh=fresh[runner.runner_id])
         overlay = str(address_plan.overlay)
-        self.plan.extend(plan_chains([OwnedChain("filter", HUB_CHAIN, ("FORWARD",),
-                                                 (f"-s {overlay} -j ACCEPT", f"-d {overlay} -j ACCEPT"))]))
+        self.plan.extend(plan_chains([OwnedChain("filter", HUB_CHAIN, ("FORWARD",), self.forward_rules())]))
         if params["firewalld"] == "auto":
             links = [f"{self.link_prefix}{runner.runner_id}" for runner in resolved]
             self.plan.extend(plan_trusted_interfaces(links, "present"))
@@ -334,6 +354,32 @@ class OverlayHub(OverlayManager):
         self.plan_state_file(state_text, records, resolved)
         return {"runners": [self.describe_runner(runner, vnis[runner.runner_id]) for runner in resolved],
                 "overlay": overlay, "mtu": mtu}
+
+    def forward_rules(self) -> tuple[str, ...]:
+        """FORWARD accepts for the overlay's own interfaces only (the vxkrN links and the anchor).
+
+        Anything from the overlay is forwarded; towards the overlay only replies: a neighbour on
+        the underlay that routes the overlay through this hub cannot open connections to workloads.
+        """
+        overlay = self.address_plan.overlay
+        interfaces = (f"{self.link_prefix}+", self.anchor_name)
+        return (*(f"-i {name} -s {overlay} -j ACCEPT" for name in interfaces),
+                *(f"-o {name} -d {overlay} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+                  for name in interfaces))
+
+    def check_anchor_is_ours(self, snapshot: Snapshot, underlay: Link) -> None:
+        """Refuse, before any change, an anchor_name that is the underlay or holds foreign addresses."""
+        if underlay.name == self.anchor_name or self.link_re.fullmatch(underlay.name):
+            field = "anchor_name" if underlay.name == self.anchor_name else "link_prefix"
+            raise InputError(field, self.params[field],
+                             f"{underlay.name} holds underlay_ip {self.underlay_ip}: netloom would take the "
+                             "node's underlay over")
+        foreign = [str(interface) for interface in snapshot.addresses_of(self.anchor_name)
+                   if interface.ip not in self.address_plan.overlay]
+        if foreign:
+            raise InputError("anchor_name", self.anchor_name,
+                             f"exists with addresses outside the overlay ({', '.join(foreign)}): not "
+                             "netloom's anchor; pick another anchor_name")
 
     def plan_anchor(self, snapshot: Snapshot) -> bool:
         """Create the anchor, or keep an existing dummy/portless bridge up; True when it is new."""
@@ -371,6 +417,19 @@ class OverlayHub(OverlayManager):
         self.plan.add(f"link {link.name}", "delete", describe_link(link, snapshot), None,
                       lambda: self.nl.delete_link(link.name))
 
+    def restore_params(self) -> dict[str, Any]:
+        """What netloom-restore replays: with purge=false, every runner this hub keeps.
+
+        One call per runner (purge=false) declares only that runner, while the node holds them
+        all; the record therefore lists the whole kept table with its ids, so the replay at boot
+        brings back every link, and the next identical call finds the record unchanged.
+        """
+        if self.params["purge"]:
+            return self.params
+        table = [{"name": record.name, "underlay_ip": str(record.underlay_ip), "id": record.runner_id}
+                 for record in sorted(self.kept_table, key=lambda record: record.runner_id)]
+        return {**self.params, "runners": table}
+
     def plan_state_file(self, state_text: str | None, records: list[RunnerRecord],
                         resolved: list[ResolvedRunner]) -> None:
         path = self.params["state_file"]
@@ -382,6 +441,7 @@ class OverlayHub(OverlayManager):
                     if record.name not in names and record.underlay_ip not in ips]
         desired = kept + [RunnerRecord(runner.name, runner.runner_id, runner.underlay_ip)
                           for runner in resolved]
+        self.kept_table = desired
         content = render_state(desired)
         if content == state_text:
             return
@@ -415,11 +475,8 @@ class OverlayHub(OverlayManager):
             else:
                 self.module.warn(f"{self.anchor_name} is a {anchor.kind or 'physical'} link with ports or "
                                  "of a foreign kind, not netloom's anchor: left alone")
-        rules: tuple[str, ...] = ()
-        if self.address_plan is not None:
-            overlay = self.address_plan.overlay
-            rules = (f"-s {overlay} -j ACCEPT", f"-d {overlay} -j ACCEPT")
-        self.plan.extend(plan_chains([OwnedChain("filter", HUB_CHAIN, ("FORWARD",), rules)], "absent"))
+        # Removing a chain needs its name only; its rules do not matter.
+        self.plan.extend(plan_chains([OwnedChain("filter", HUB_CHAIN, ("FORWARD",), ())], "absent"))
         if self.params["firewalld"] == "auto" and owned:
             self.plan.extend(plan_trusted_interfaces([owned[rid].name for rid in sorted(owned)], "absent"))
         state_text, _ = self.read_records()

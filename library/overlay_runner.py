@@ -18,10 +18,22 @@ description:
     local, port or learning differ is recreated (the bridge and its other ports stay)."
   - Route to the overlay CIDR via the hub's address on this subnet (C(offset+254)) on the bridge,
     set with route replace; a failure fails the module.
-  - C(net.ipv4.ip_forward=1); netloom-owned chains C(NETLOOM-OVLRUN-FWD) (FORWARD accepts from and
-    to the overlay) and C(NETLOOM-OVLRUN-NAT) (POSTROUTING MASQUERADE from the overlay to
-    anything outside it); the bridge and vxlan0 in firewalld's trusted zone (runtime and
-    permanent) when firewalld runs.
+  - C(net.ipv4.ip_forward=1); netloom-owned chains C(NETLOOM-OVLRUN-FWD) (FORWARD, after Docker's
+    C(DOCKER-USER) jump so operators keep their override point - accepts packets coming in on the
+    bridge or vxlan0 from the overlay, and towards them only replies, so a neighbour that routes the
+    overlay via this runner reaches no unpublished container port) and C(NETLOOM-OVLRUN-NAT)
+    (POSTROUTING MASQUERADE from the overlay to anything outside it, leaving through a
+    non-overlay interface); the bridge and vxlan0 in firewalld's trusted zone (runtime and
+    permanent, one firewall-cmd call per plane) when firewalld runs.
+  - Refused before any change - a plan touching 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4,
+    240.0.0.0/4 or the default route; underlay addresses that are not unicast hosts or lie inside
+    the overlay; an overlay overlapping a route netloom does not own on this node (its own are the
+    routes through the bridge and vxlan0); a I(bridge_name) or I(vxlan_name) that is the underlay
+    interface, and a bridge with addresses outside the overlay or ports other than vxlan0 and veths.
+  - The converged state is recorded for C(netloom-restore), which replays this module at boot
+    (early, before Docker) so the bridge, vxlan0, the address, the route, the chains and ip_forward
+    survive a reboot; C(state=absent) removes that record. A run that fails part-way reports
+    C(changed), the steps done (C(changes)) and C(failed_step).
   - Links this module does not own (Docker's veths on the bridge, anything else) are never touched.
   - C(state=absent) removes vxlan0, the chains and their jumps and the firewalld entries, and the
     bridge when nothing else is attached to it. A bridge that still has other ports (a Docker
@@ -145,12 +157,14 @@ import ipaddress
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import CommandError, InputError, ifname, ipv4_address, port
+from ansible.module_utils.netloom.common import CommandError, InputError, ifname, port
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 from ansible.module_utils.netloom.netlink import (
+    Link,
     Snapshot,
     Vxlan,
+    check_overlay_routes,
     check_vni_free,
     describe_link,
     overlay_mtu,
@@ -166,13 +180,22 @@ FORWARD_CHAIN = "NETLOOM-OVLRUN-FWD"
 NAT_CHAIN = "NETLOOM-OVLRUN-NAT"
 
 
-def owned_chains(overlay: str | None) -> list[OwnedChain]:
-    """The runner's chains; without a plan (absent) their rules do not matter."""
+def owned_chains(overlay: str | None, bridge: str, vxlan: str) -> list[OwnedChain]:
+    """The runner's chains; without a plan (absent) their rules do not matter.
+
+    FORWARD accepts what comes in on the overlay interfaces from the overlay, and towards them
+    only replies: a neighbour on the underlay that routes the overlay via this runner reaches
+    no unpublished container port (Docker's own rules decide about published ones). vxlan0 is
+    a port of the bridge, so routed traffic shows the bridge; vxlan0 is listed for the moments
+    it is not enslaved. MASQUERADE covers overlay traffic leaving through a non-overlay interface.
+    """
     forward: tuple[str, ...] = ()
     nat: tuple[str, ...] = ()
     if overlay is not None:
-        forward = (f"-s {overlay} -j ACCEPT", f"-d {overlay} -j ACCEPT")
-        nat = (f"-s {overlay} ! -d {overlay} -j MASQUERADE",)
+        forward = (*(f"-i {name} -s {overlay} -j ACCEPT" for name in (bridge, vxlan)),
+                   *(f"-o {name} -d {overlay} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+                     for name in (bridge, vxlan)))
+        nat = (f"-s {overlay} ! -d {overlay} ! -o {bridge} -j MASQUERADE",)
     return [OwnedChain("filter", FORWARD_CHAIN, ("FORWARD",), forward),
             OwnedChain("nat", NAT_CHAIN, ("POSTROUTING",), nat)]
 
@@ -202,8 +225,8 @@ class OverlayRunner(OverlayManager):
         self.overlay = address_plan.overlay
         self.vni = address_plan.runner_vni(params["vni_base"], self.runner_id)
         self.port = port("port", params["port"])
-        self.hub_ip = ipv4_address("hub_underlay_ip", params["hub_underlay_ip"])
-        self.underlay_ip = ipv4_address("underlay_ip", params["underlay_ip"])
+        self.hub_ip = address_plan.underlay_address("hub_underlay_ip", params["hub_underlay_ip"])
+        self.underlay_ip = address_plan.underlay_address("underlay_ip", params["underlay_ip"])
         if self.hub_ip == self.underlay_ip:
             raise InputError("hub_underlay_ip", str(self.hub_ip), "is this runner's own underlay_ip")
 
@@ -219,6 +242,8 @@ class OverlayRunner(OverlayManager):
         if bridge is not None and bridge.kind != "bridge":
             raise CommandError(f"bridge_name {self.bridge} exists as a {bridge.kind or 'physical'} link, "
                                "not a bridge; netloom will not replace a link it does not own")
+        self.check_links_are_ours(snapshot, underlay)
+        check_overlay_routes(snapshot, "plan", self.params["plan"], overlay, {self.bridge, self.vxlan})
 
         check_vni_free(snapshot, "vni_base", {self.vni: self.vxlan}, self.port, {self.vxlan})
 
@@ -242,7 +267,7 @@ class OverlayRunner(OverlayManager):
                                  fresh=bridge is None)
         self.plan_route(snapshot, overlay, addressing.hub_address,
                         rebuilt=any(addressing.hub_address in interface.network for interface in removed))
-        self.plan.extend(plan_chains(owned_chains(str(overlay))))
+        self.plan.extend(plan_chains(owned_chains(str(overlay), self.bridge, self.vxlan)))
         if self.params["firewalld"] == "auto":
             self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan], "present"))
         return {
@@ -254,6 +279,31 @@ class OverlayRunner(OverlayManager):
             },
             "overlay": str(overlay), "mtu": mtu,
         }
+
+    def check_links_are_ours(self, snapshot: Snapshot, underlay: Link) -> None:
+        """Refuse, before any change, a bridge_name or vxlan_name that names someone else's link.
+
+        The bridge is netloom's (or Docker's network on it) when it holds no address outside
+        the overlay and its ports are vxlan_name and veths (containers); the underlay's own
+        interface, or a bridge with a NIC or foreign addresses, would be taken over.
+        """
+        for field, name in (("bridge_name", self.bridge), ("vxlan_name", self.vxlan)):
+            if name == underlay.name:
+                raise InputError(field, name, f"is the interface holding underlay_ip {self.underlay_ip}: "
+                                              "netloom would take the node's underlay over")
+        foreign = [str(interface) for interface in snapshot.addresses_of(self.bridge)
+                   if interface.ip not in self.overlay]
+        ports = [f"{port.name} ({port.kind or 'physical'})" for port in snapshot.ports_of(self.bridge)
+                 if port.name != self.vxlan and port.kind != "veth"]
+        if foreign or ports:
+            what = [f"addresses outside the overlay: {', '.join(foreign)}"] if foreign else []
+            what += [f"ports netloom does not own: {', '.join(ports)}"] if ports else []
+            raise InputError("bridge_name", self.bridge, f"exists with {'; '.join(what)}: not the overlay "
+                                                         "bridge; pick another bridge_name")
+        vxlan = snapshot.link(self.vxlan)
+        if vxlan is not None and vxlan.kind != "vxlan":
+            raise InputError("vxlan_name", self.vxlan, f"exists as a {vxlan.kind or 'physical'} link, not a "
+                                                       "VXLAN link netloom made; pick another vxlan_name")
 
     def plan_route(self, snapshot: Snapshot, overlay: ipaddress.IPv4Network,
                    hub_address: ipaddress.IPv4Address, rebuilt: bool) -> None:
@@ -299,8 +349,7 @@ class OverlayRunner(OverlayManager):
                                           None, lambda route=route: self.nl.delete_route(route))
         elif bridge is not None:
             self.module.warn(f"{self.bridge} is a {bridge.kind or 'physical'} link, not a bridge: left alone")
-        overlay_text = str(self.address_plan.overlay) if self.address_plan is not None else None
-        self.plan.extend(plan_chains(owned_chains(overlay_text), "absent"))
+        self.plan.extend(plan_chains(owned_chains(None, self.bridge, self.vxlan), "absent"))
         if self.params["firewalld"] == "auto":
             self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan], "absent"))
 

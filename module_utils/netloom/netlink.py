@@ -516,6 +516,26 @@ def check_vni_free(snapshot: Snapshot, field_name: str, wanted: dict[int, str], 
                              f"already used by {link.name}, a VXLAN link netloom does not own")
 
 
+def check_overlay_routes(snapshot: Snapshot, field_name: str, value: Any, overlay: ipaddress.IPv4Network,
+                         owned: set[str]) -> None:
+    """Refuse an overlay that overlaps a route netloom does not own on this node, before any change.
+
+    Routes through the `owned` links (their connected routes, the runner's overlay route on its
+    bridge) are netloom's. The default route overlaps everything and is never in the way: the
+    overlay's more specific route takes precedence only for the overlay.
+    """
+    names = {link.index: link.name for link in snapshot.links.values()}
+    owned_indexes = {link.index for name, link in snapshot.links.items() if name in owned}
+    for route in snapshot.routes:
+        if route.dst.prefixlen == 0 or route.oif in owned_indexes or not route.dst.overlaps(overlay):
+            continue
+        via = f" via {route.gateway}" if route.gateway is not None else ""
+        dev = f" dev {names.get(route.oif, route.oif)}" if route.oif is not None else ""
+        raise InputError(field_name, value, f"the overlay {overlay} overlaps the route {route.dst}{via}{dev}"
+                                            f"{f' metric {route.priority}' if route.priority else ''}, "
+                                            "which netloom does not own on this node")
+
+
 def describe_link(link: Link | None, snapshot: Snapshot) -> dict[str, Any] | None:
     """A link's managed attributes as plain data, for diffs."""
     if link is None:

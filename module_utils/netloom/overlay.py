@@ -7,6 +7,7 @@ failure without pyroute2, then one netlink session for the whole run).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -33,6 +34,13 @@ def overlay_options(*names: str) -> dict[str, dict[str, Any]]:
     first bad one, so each module keeps its own order.
     """
     return {name: OVERLAY_OPTIONS[name] for name in names}
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """The part of a module run that plan_record keeps: the arguments the boot replay uses."""
+
+    params: dict[str, Any]
 
 
 class OverlayManager(ABC):
@@ -66,6 +74,10 @@ class OverlayManager(ABC):
     def always_returned(self) -> dict[str, Any]:
         """Results reported with either state."""
 
+    def restore_params(self) -> dict[str, Any]:
+        """The arguments netloom-restore replays at boot: by default this run's own."""
+        return self.params
+
     def require_for_present(self, *names: str) -> None:
         """Options that state=absent may leave out and state=present needs."""
         for name in names:
@@ -81,7 +93,8 @@ class OverlayManager(ABC):
             finish(self.module, self.plan, **self.always_returned())
             return
         result = self.plan_present(snapshot)
-        plan_record(self.plan, self.module, self.module_name, "main", self.restore_order, ["early"])
+        plan_record(self.plan, RecordedRun(self.restore_params()), self.module_name, "main",
+                    self.restore_order, ["early"])
         finish(self.module, self.plan, **self.always_returned(), **result)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ansible.module_utils.netloom.common import InputError, int_range, ipv4_address
+from ansible.module_utils.netloom.common import InputError, int_range, ipv4_address, unicast_host
 
 # The hub's address on a runner subnet is offset+254 (the seed's 10.N.0.254); a subnet
 # too small to hold it (SUBNET_BITS < 8) uses its last usable address instead.
@@ -22,7 +22,19 @@ HUB_HOST_OFFSET = 254
 MIN_SUBNET_BITS = 2  # network, gateway, hub address and broadcast need 4 addresses
 VNI_MAX = 16777215
 STATE_VERSION = 1
-_PLAN_RE = re.compile(r"^\s*([0-9.]+)/(\d+)/(\d+)/(\d+)\s*$")
+_PLAN_RE = re.compile(r"\s*([0-9.]+)/(\d+)/(\d+)/(\d+)\s*")
+# Ranges no overlay may touch: it would be routed, forwarded and masqueraded as a whole,
+# so any overlap hijacks loopback, link-local, multicast or reserved traffic.
+RESERVED_NETWORKS = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "0.0.0.0/8 (this network)"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "127.0.0.0/8 (loopback)"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "169.254.0.0/16 (link-local)"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "224.0.0.0/4 (multicast)"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "240.0.0.0/4 (reserved and broadcast)"),
+)
+# Runner names (inventory hostnames) go into the state file and messages: no white space,
+# control characters or quotes; matched with fullmatch so a trailing newline is refused.
+_RUNNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,252}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,7 @@ class AddressPlan:
     @classmethod
     def parse(cls, text: Any, field_name: str = "plan") -> AddressPlan:
         """Parse "10.0.0.0/8/8/16"."""
-        match = _PLAN_RE.match(str(text))
+        match = _PLAN_RE.fullmatch(str(text))
         if not match:
             raise InputError(field_name, text, "expected BASE/PREFIX/NODE_BITS/SUBNET_BITS, "
                                                "e.g. 10.0.0.0/8/8/16")
@@ -122,6 +134,13 @@ class AddressPlan:
         if network.network_address != address:
             raise InputError(f"{field_name}.base", base,
                              f"not aligned to /{prefix_len} (the network is {network})")
+        text = f"{base}/{prefix}/{node_bits}/{subnet_bits}"
+        if prefix_len == 0:
+            raise InputError(field_name, text, "the overlay 0.0.0.0/0 is the default route: it would "
+                                               "replace the node's default route and forward everything")
+        for reserved, what in RESERVED_NETWORKS:
+            if network.overlaps(reserved):
+                raise InputError(field_name, text, f"the overlay {network} overlaps {what}")
         return cls(address, prefix_len, nodes, host_bits)
 
     def __str__(self) -> str:
@@ -144,6 +163,17 @@ class AddressPlan:
     def hub_anchor(self) -> ipaddress.IPv4Interface:
         """The hub's own address for workloads (10.0.0.1/8): base+1 over the whole overlay."""
         return ipaddress.IPv4Interface(f"{self.base + 1}/{self.prefix}")
+
+    def underlay_address(self, field_name: str, value: Any) -> ipaddress.IPv4Address:
+        """A node's underlay address: a unicast host outside the overlay.
+
+        Inside the overlay, the route to the overlay would capture the VXLAN packets themselves.
+        """
+        address = unicast_host(field_name, value)
+        if address in self.overlay:
+            raise InputError(field_name, value, f"is inside the overlay {self.overlay}: the underlay "
+                                                "must be a network outside the overlay")
+        return address
 
     def check_runner_id(self, field_name: str, value: Any) -> int:
         """A runner id is 1..2**NODE_BITS-1; 0 is the hub's own subnet."""
@@ -213,13 +243,16 @@ def parse_runners(plan: AddressPlan, entries: Sequence[Any], field_name: str = "
         if unknown:
             key = sorted(unknown)[0]
             raise InputError(f"{where}.{key}", entry[key], "unknown runner field")
-        name = str(entry.get("name") or "").strip()
-        if not name:
-            raise InputError(f"{where}.name", entry.get("name"), "is required")
+        name = entry.get("name")
+        if name in (None, ""):
+            raise InputError(f"{where}.name", name, "is required")
+        if not isinstance(name, str) or not _RUNNER_NAME_RE.fullmatch(name):
+            raise InputError(f"{where}.name", name, "runner names are 1..253 characters of letters, "
+                                                    "digits and _.:@- starting with a letter or digit")
         if name in seen_names:
             raise InputError(f"{where}.name", name, f"duplicates {field_name}[{seen_names[name]}]")
         seen_names[name] = position
-        underlay = ipv4_address(f"{where}.underlay_ip", entry.get("underlay_ip"))
+        underlay = plan.underlay_address(f"{where}.underlay_ip", entry.get("underlay_ip"))
         if underlay in seen_ips:
             raise InputError(f"{where}.underlay_ip", str(underlay),
                              f"duplicates {field_name}[{seen_ips[underlay]}]")

@@ -21,6 +21,17 @@ RUNNERS = [{"name": "r1", "underlay_ip": "192.0.2.11"},
            {"name": "r2", "underlay_ip": "192.0.2.12"},
            {"name": "r3", "underlay_ip": "192.0.2.13"}]
 FOREIGN_RULE = "-A FORWARD -i u1 -m comment --comment admin-keep -j ACCEPT"
+HUB_ENTRY = "10-overlay_hub@main.json"
+
+
+def hub_rules(overlay: str = "10.0.0.0/8") -> list[str]:
+    """The owned FORWARD chain as iptables -S prints it: overlay interfaces only, replies inbound."""
+    return ["-N NETLOOM-OVLHUB-FWD",
+            f"-A NETLOOM-OVLHUB-FWD -s {overlay} -i vxkr+ -j ACCEPT",
+            f"-A NETLOOM-OVLHUB-FWD -s {overlay} -i kohaku-host -j ACCEPT",
+            f"-A NETLOOM-OVLHUB-FWD -d {overlay} -o vxkr+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-A NETLOOM-OVLHUB-FWD -d {overlay} -o kohaku-host -m conntrack --ctstate RELATED,ESTABLISHED "
+            "-j ACCEPT"]
 
 
 @pytest.fixture
@@ -68,9 +79,7 @@ def test_create_check_diff_and_idempotence(hub: Netns) -> None:
     assert live["kohaku-host"]["linkinfo"]["info_kind"] == result["anchor"]["kind"]
     assert "UP" in live["kohaku-host"]["flags"]
     assert hub.sh("sysctl -n net.ipv4.ip_forward").strip() == "1"
-    rules = hub.sh("iptables -S NETLOOM-OVLHUB-FWD")
-    assert "-A NETLOOM-OVLHUB-FWD -s 10.0.0.0/8 -j ACCEPT" in rules
-    assert "-A NETLOOM-OVLHUB-FWD -d 10.0.0.0/8 -j ACCEPT" in rules
+    assert hub.sh("iptables -S NETLOOM-OVLHUB-FWD").splitlines() == hub_rules()
     assert "-j NETLOOM-OVLHUB-FWD" in hub.sh("iptables -S FORWARD")
     table = {row["name"]: row for row in result["runners"]}
     assert table["r1"] == {"name": "r1", "id": 1, "source": "allocated", "vni": 101,
@@ -108,7 +117,7 @@ def test_drift_is_reported_in_check_mode_and_repaired(hub: Netns) -> None:
     hub.sh("ip addr add 10.77.0.1/24 dev vxkr1")
     hub.sh("ip link set vxkr3 mtu 1400 && ip link set vxkr3 down")
     hub.sh("ip addr del 10.0.0.1/8 dev kohaku-host")
-    hub.sh("iptables -D NETLOOM-OVLHUB-FWD -d 10.0.0.0/8 -j ACCEPT")
+    hub.sh("iptables -D NETLOOM-OVLHUB-FWD 3")
     drifted = kernel_state(hub)
 
     preview = hub_run(hub, args(hub), check_mode=True)
@@ -129,7 +138,7 @@ def test_drift_is_reported_in_check_mode_and_repaired(hub: Netns) -> None:
     assert live["vxkr3"]["mtu"] == 1450 and "UP" in live["vxkr3"]["flags"]
     assert live["vxkr3"]["ifindex"] == index_before  # MTU and up fixed in place, not recreated
     assert addresses(hub, "kohaku-host") == ["10.0.0.1/8"]
-    assert "-d 10.0.0.0/8 -j ACCEPT" in hub.sh("iptables -S NETLOOM-OVLHUB-FWD")
+    assert hub.sh("iptables -S NETLOOM-OVLHUB-FWD").splitlines() == hub_rules()
     assert not hub_run(hub, args(hub))["changed"]
 
 
@@ -137,7 +146,8 @@ def test_purge_keeps_ids_and_reuses_the_freed_one(hub: Netns) -> None:
     hub_run(hub, args(hub))
     kept_index = links(hub)["vxkr3"]["ifindex"]
     result = hub_run(hub, args(hub, runners=[RUNNERS[2], RUNNERS[0]]))
-    assert set(result["changes"]) == {"delete link vxkr2", f"update file {hub.state_file}"}  # type: ignore[attr-defined]
+    assert set(result["changes"]) == {"delete link vxkr2", f"update file {hub.state_file}",  # type: ignore[attr-defined]
+                                      f"update restore entry {HUB_ENTRY}"}
     assert {row["name"]: row["id"] for row in result["runners"]} == {"r1": 1, "r3": 3}
     assert "vxkr2" not in links(hub)
     assert links(hub)["vxkr3"]["ifindex"] == kept_index
@@ -168,7 +178,8 @@ def test_ids_are_recovered_from_links_when_the_state_file_is_lost(hub: Netns) ->
     result = hub_run(hub, args(hub, runners=list(reversed(RUNNERS))))
     assert {row["name"]: (row["id"], row["source"]) for row in result["runners"]} == {
         "r1": (1, "link"), "r2": (7, "link"), "r3": (2, "link")}
-    assert result["changes"] == [f"create file {hub.state_file}"]  # type: ignore[attr-defined]
+    assert result["changes"] == [f"create file {hub.state_file}",  # type: ignore[attr-defined]
+                                 f"update restore entry {HUB_ENTRY}"]
 
 
 def test_declared_id_may_not_renumber_another_runner(hub: Netns) -> None:
@@ -222,7 +233,7 @@ def test_explicit_mtu_and_the_12_6_14_plan(hub: Netns) -> None:
     assert addresses(hub, "kohaku-host") == ["10.128.0.1/12"]
     assert links(hub)["vxkr1"]["mtu"] == 1400
     assert vxlan(links(hub)["vxkr1"])["id"] == 5001
-    assert "-s 10.128.0.0/12 -j ACCEPT" in hub.sh("iptables -S NETLOOM-OVLHUB-FWD")
+    assert hub.sh("iptables -S NETLOOM-OVLHUB-FWD").splitlines() == hub_rules("10.128.0.0/12")
 
 
 @pytest.mark.parametrize("overrides, field, fragment", [

@@ -18,6 +18,13 @@ pytestmark = [pytest.mark.netns,
 
 PLAN = "10.0.0.0/8/8/16"
 FOREIGN_RULE = "-A FORWARD -i u0 -m comment --comment admin-keep -j ACCEPT"
+REPLIES = "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+RUNNER_FORWARD = ["-N NETLOOM-OVLRUN-FWD",
+                  "-A NETLOOM-OVLRUN-FWD -s 10.0.0.0/8 -i kohaku-overlay -j ACCEPT",
+                  "-A NETLOOM-OVLRUN-FWD -s 10.0.0.0/8 -i vxlan0 -j ACCEPT",
+                  f"-A NETLOOM-OVLRUN-FWD -d 10.0.0.0/8 -o kohaku-overlay {REPLIES}",
+                  f"-A NETLOOM-OVLRUN-FWD -d 10.0.0.0/8 -o vxlan0 {REPLIES}"]
+MASQUERADE = "-A NETLOOM-OVLRUN-NAT -s 10.0.0.0/8 ! -d 10.0.0.0/8 ! -o kohaku-overlay -j MASQUERADE"
 
 
 @pytest.fixture
@@ -65,9 +72,8 @@ def test_create_check_diff_and_idempotence(runner: Netns) -> None:
     assert addresses(runner, "kohaku-overlay") == ["10.1.0.1/16"]
     assert overlay_routes(runner)[0].startswith("10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay")
     assert runner.sh("sysctl -n net.ipv4.ip_forward").strip() == "1"
-    assert "-A NETLOOM-OVLRUN-FWD -s 10.0.0.0/8 -j ACCEPT" in runner.sh("iptables -S")
-    masquerade = "-A NETLOOM-OVLRUN-NAT -s 10.0.0.0/8 ! -d 10.0.0.0/8 -j MASQUERADE"
-    assert masquerade in runner.sh("iptables -t nat -S")
+    assert runner.sh("iptables -S NETLOOM-OVLRUN-FWD").splitlines() == RUNNER_FORWARD
+    assert runner.sh("iptables -t nat -S NETLOOM-OVLRUN-NAT").splitlines() == ["-N NETLOOM-OVLRUN-NAT", MASQUERADE]
     assert result["runner"] == {"id": 1, "vni": 101, "subnet": "10.1.0.0/16", "gateway": "10.1.0.1",
                                 "hub_address": "10.1.0.254",
                                 "workloads": {"first": "10.1.0.2", "last": "10.1.255.254", "count": 65532}}
