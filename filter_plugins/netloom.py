@@ -99,27 +99,68 @@ def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: 
     }
 
 
+def netloom_edge_control_address(network: str) -> str:
+    """The control node's WireGuard address: the first host of netloom_edge_wg_network, with its prefix."""
+    try:
+        net = ipaddress.IPv4Network(str(network).strip())
+    except ValueError as err:
+        raise ValueError(f"netloom_edge_wg_network: {network!r}: not an IPv4 network ({err})") from None
+    if net.num_addresses < 4:
+        raise ValueError(f"netloom_edge_wg_network: {network!r}: needs /30 or shorter "
+                         "(the control node and compute nodes)")
+    return f"{net.network_address + 1}/{net.prefixlen}"
+
+
 def netloom_edge_wg_address(network: str, index: Any) -> str:
-    """WireGuard address of node `index` (0 is the control node): host number index+1 of the network."""
-    net = ipaddress.IPv4Network(str(network))
-    number = int(index)
-    if not 0 <= number < net.num_addresses - 3:
+    """WireGuard address of compute node `index`: host number index+1 (host 1 is the control node).
+
+    Node 0 is refused: it would get the control node's own address.
+    """
+    control = netloom_edge_control_address(network)
+    net = ipaddress.IPv4Network(str(network).strip())
+    if index is None or str(index).strip() == "":
+        raise ValueError("netloom_edge_node_index: not set (and no netloom_edge_wg_address for this node)")
+    try:
+        number = int(str(index).strip())
+    except ValueError:
+        raise ValueError(f"netloom_edge_node_index: {index!r}: not an integer") from None
+    if number == 0:
+        raise ValueError(f"netloom_edge_node_index: {index!r}: node 0 would get the control node's address "
+                         f"{control.split('/')[0]}; compute nodes are numbered from 1")
+    if not 1 <= number < net.num_addresses - 3:
         raise ValueError(f"netloom_edge_node_index: {index!r}: no host address left in {net}")
     return f"{net.network_address + number + 1}/{net.prefixlen}"
 
 
-def netloom_edge_peers(hostnames: list[str], hostvars: Mapping[str, Any], fact: str) -> list[dict[str, Any]]:
+# What wireguard_interface accepts for a peer; anything else a node publishes stays out.
+PEER_FIELDS = ("public_key", "allowed_ips", "endpoint", "persistent_keepalive", "preshared_key",
+               "endpoint_policy")
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "yes", "1")
+
+
+def netloom_edge_peers(hostnames: list[str], hostvars: Mapping[str, Any], fact: str,
+                       check_mode: Any = False) -> list[dict[str, Any]]:
     """The peer entries other nodes published about themselves (public key, endpoint, AllowedIPs).
 
     Only public data travels between hosts; a node that did not publish its entry (its key
-    play did not run) is named instead of silently left out.
+    play did not run) is named instead of silently left out. A node whose key does not exist
+    yet (never converged, run with --check: the key task was skipped) publishes
+    `key_pending: true`; in check mode it is left out of the peers (its own play notes it),
+    in a real run it is an error, since the real key task always makes the key.
     """
     peers = []
     for name in hostnames:
         entry = hostvars[name].get(fact)
+        if entry and _flag(entry.get("key_pending", False)):
+            if _flag(check_mode):
+                continue
+            raise ValueError(f"{name}: {fact} has no public key yet (key_pending); run its key play first")
         if not entry or not entry.get("public_key"):
             raise ValueError(f"{name}: {fact} is not set; run the edge key play for it first")
-        peers.append(dict(entry))
+        peers.append({key: value for key, value in entry.items() if key in PEER_FIELDS})
     return peers
 
 
@@ -153,6 +194,7 @@ class FilterModule:
             "netloom_runner_of": netloom_runner_of,
             "netloom_edge_cni_subnet": netloom_edge_cni_subnet,
             "netloom_edge_cni_conflist": netloom_edge_cni_conflist,
+            "netloom_edge_control_address": netloom_edge_control_address,
             "netloom_edge_wg_address": netloom_edge_wg_address,
             "netloom_edge_peers": netloom_edge_peers,
             "netloom_edge_relays": netloom_edge_relays,

@@ -22,7 +22,7 @@ description:
     written atomically). With systemd, C(wg-quick@NAME) is enabled so that config brings the
     interface back at boot, with a drop-in selecting wireguard-go where the kernel lacks
     WireGuard. The config has C(Table = off), so wg-quick installs no route at all (no policy
-    routing for 0.0.0.0/0, no public /32): routes come only from the wireguard_routes module,
+    routing for 0.0.0.0/0, no public /32); routes come only from the wireguard_routes module,
     through its filter, which netloom-restore replays after wg-quick at boot.
   - I(state=absent) stops the unit, removes the interface (and its wireguard-go process), the
     config and the key file.

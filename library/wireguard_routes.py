@@ -15,9 +15,26 @@ description:
     224.0.0.0/4 or 240.0.0.0/4 (so 0.0.0.0/32 and 255.255.255.255/32), and everything else
     that is not accepted. Accepted: RFC1918 subnets and host routes, and /32 host routes of
     addresses listed in I(allow). Every verdict comes with a reason in the result."
-  - Installed routes carry routing protocol 250 (C(proto 250)). The module owns the main-table
-    routes with that protocol that leave through the interface or lie inside I(via_host_cidr),
-    removes those no longer wanted, and never touches any other route.
+  - Installed routes carry routing protocol 250 (C(proto 250)). A route is this module's for
+    the interface only when it is in the main table, has protocol 250 and leaves through the
+    interface (C(dev) match); so two WireGuard interfaces never remove each other's routes.
+    Routes via I(via_host) leave through the underlay, so they are claimed only inside
+    I(via_host_cidr) by a run that declares I(via_host), or whose last recorded run did (so they
+    are removed once I(via_host) is dropped). The module removes its routes no longer wanted
+    and never touches any other route.
+  - The kernel's connected route of the interface's own prefix (C(proto kernel scope link src))
+    is left alone. AllowedIPs or I(extra_routes) equal to such a prefix, to a prefix connected on
+    another interface, or to a prefix netloom routes for another interface are reported in
+    C(skipped) with the reason and not written.
+  - Reboot survival. The module records its arguments for netloom-restore (late phase, after
+    C(wg-quick@NAME.service)), so the filtered routes come back at boot with no Ansible run.
+    wireguard_interface writes its wg-quick config with C(Table = off), so wg-quick itself installs
+    no route. I(state=absent) removes the owned routes and the record.
+  - Check mode on a node where the interface does not exist yet (a never-converged node, where
+    wireguard_interface would create it) succeeds. It reports C(pending), a pending step for the
+    routes of the AllowedIPs (there are none live to read yet; the real run after the interface
+    task installs them, so C(changed) is true), the I(extra_routes) and the record. A real run on
+    a missing interface fails naming I(interface).
   - I(via_host) sends the accepted CIDRs inside I(via_host_cidr) (the workers' 10.88.0.0/16)
     through that host instead of the tunnel, like the seed's GATEWAY_WORKER_ROUTE_VIA_HOST.
   - I(extra_routes) declares further routes through the interface that are not AllowedIPs of
@@ -54,6 +71,8 @@ options:
     default: 10.88.0.0/16
 notes:
   - Supports check mode and diff mode from the same change plan as the real run.
+  - I(interface) must be a WireGuard interface (kernel C(wireguard) or a wireguard-go C(tun)
+    that C(wg) can read); any other link fails naming I(interface) and its value.
   - Needs C(wg) (wireguard-tools) and pyroute2 on the node.
 author:
   - netloom
@@ -94,6 +113,17 @@ refused:
   type: list
   elements: dict
   sample: [{"cidr": "169.254.0.0/16", "reason": "inside 169.254.0.0/16 (link-local)"}]
+skipped:
+  description: Accepted CIDRs that are not routed because the route is not this module's to write.
+  returned: when state is present
+  type: list
+  elements: dict
+  sample: [{"cidr": "10.99.0.0/24", "reason": "connected prefix of wg0: the kernel's route (proto kernel,
+            with src) is kept and already leads into the interface"}]
+pending:
+  description: Set in check mode when the interface does not exist yet; routes follow its creation.
+  returned: in check mode when the interface does not exist
+  type: str
 installed:
   description: CIDRs whose route was (or in check mode would be) added or replaced.
   returned: always

@@ -7,6 +7,7 @@ from filter_plugins.netloom import (
     FilterModule,
     netloom_edge_cni_conflist,
     netloom_edge_cni_subnet,
+    netloom_edge_control_address,
     netloom_edge_peers,
     netloom_edge_relays,
     netloom_edge_wg_address,
@@ -65,21 +66,56 @@ def test_conflist_refuses_a_gateway_outside_the_base() -> None:
 
 
 def test_wireguard_addresses_control_first_then_nodes() -> None:
-    assert netloom_edge_wg_address("10.99.0.0/24", 0) == "10.99.0.1/24"
+    assert netloom_edge_control_address("10.99.0.0/24") == "10.99.0.1/24"
+    assert netloom_edge_control_address(" 10.50.0.0/16 ") == "10.50.0.1/16"
+    assert netloom_edge_wg_address("10.99.0.0/24", 1) == "10.99.0.2/24"
     assert netloom_edge_wg_address("10.99.0.0/24", "2") == "10.99.0.3/24"
+    assert netloom_edge_wg_address("10.50.0.0/16", 300) == "10.50.1.45/16"
     with pytest.raises(ValueError, match="no host address left"):
         netloom_edge_wg_address("10.99.0.0/24", 253)
 
 
+@pytest.mark.parametrize("network,index,message", [
+    ("10.99.0.0/24", 0, "netloom_edge_node_index: 0: node 0 would get the control node's address 10.99.0.1"),
+    ("10.50.0.0/16", "0",
+     "netloom_edge_node_index: '0': node 0 would get the control node's address 10.50.0.1"),
+    ("10.99.0.0/24", -1, "netloom_edge_node_index: -1: no host address left"),
+    ("10.99.0.0/24", "one", "netloom_edge_node_index: 'one': not an integer"),
+    ("10.99.0.0/24", "", "netloom_edge_node_index: not set"),
+    ("10.99.0.1/24", 1, "netloom_edge_wg_network: '10.99.0.1/24': not an IPv4 network"),
+    ("10.99.0.0/31", 1, "netloom_edge_wg_network: '10.99.0.0/31': needs /30 or shorter"),
+])
+def test_bad_wireguard_numbering_is_refused_naming_the_variable_and_value(network, index, message) -> None:
+    with pytest.raises(ValueError) as err:
+        netloom_edge_wg_address(network, index)
+    assert str(err.value).startswith(message)
+
+
 def test_peers_are_the_published_entries_in_group_order() -> None:
     hostvars = {
-        "c1": {"peer": {"public_key": "A=", "allowed_ips": ["10.99.0.2/32", "10.88.1.0/24"]}},
-        "c2": {"peer": {"public_key": "B=", "allowed_ips": ["10.99.0.3/32"]}},
+        "c1": {"peer": {"public_key": "A=", "allowed_ips": ["10.99.0.2/32", "10.88.1.0/24"],
+                        "key_pending": False}},
+        "c2": {"peer": {"public_key": "B=", "allowed_ips": ["10.99.0.3/32"], "key_pending": "False"}},
         "silent": {},
     }
-    assert [p["public_key"] for p in netloom_edge_peers(["c2", "c1"], hostvars, "peer")] == ["B=", "A="]
+    peers = netloom_edge_peers(["c2", "c1"], hostvars, "peer")
+    assert peers == [{"public_key": "B=", "allowed_ips": ["10.99.0.3/32"]},
+                     {"public_key": "A=", "allowed_ips": ["10.99.0.2/32", "10.88.1.0/24"]}]
     with pytest.raises(ValueError, match="silent: peer is not set"):
         netloom_edge_peers(["c1", "silent"], hostvars, "peer")
+
+
+def test_a_peer_whose_key_is_not_made_yet_is_left_out_only_in_check_mode() -> None:
+    hostvars = {
+        "c1": {"peer": {"public_key": "A=", "allowed_ips": ["10.99.0.2/32"], "key_pending": False}},
+        "fresh": {"peer": {"public_key": "", "allowed_ips": ["10.99.0.3/32"], "key_pending": "True"}},
+    }
+    for check_mode in (True, "True"):
+        peers = netloom_edge_peers(["c1", "fresh"], hostvars, "peer", check_mode)
+        assert [peer["public_key"] for peer in peers] == ["A="]
+    for check_mode in (False, "False"):
+        with pytest.raises(ValueError, match="fresh: peer has no public key yet"):
+            netloom_edge_peers(["c1", "fresh"], hostvars, "peer", check_mode)
 
 
 def test_relays_get_mapped_addresses_and_default_health_checks() -> None:
@@ -98,5 +134,6 @@ def test_relays_get_mapped_addresses_and_default_health_checks() -> None:
 def test_edge_filters_are_registered() -> None:
     filters = FilterModule().filters()
     for name in ("netloom_edge_cni_subnet", "netloom_edge_cni_conflist", "netloom_edge_wg_address",
+                 "netloom_edge_control_address",
                  "netloom_edge_peers", "netloom_edge_relays"):
         assert name in filters

@@ -1,12 +1,16 @@
 """Pure WireGuard helpers: key checks, `wg show` parsing, peer comparison, the saved config."""
 import base64
 import dataclasses
+import ipaddress
 
 import pytest
 from ansible.module_utils.netloom.common import InputError
 from ansible.module_utils.netloom.wireguard import (
     InterfaceSpec,
     PeerSpec,
+    address_reason,
+    config_endpoints,
+    network_reason,
     parse_allowed_ips,
     parse_dump,
     peer_differences,
@@ -16,6 +20,7 @@ from ansible.module_utils.netloom.wireguard import (
     render_config,
     resolve_endpoint,
     sorted_networks,
+    userspace_failure,
     wg_key,
 )
 
@@ -126,8 +131,8 @@ def test_peer_view_flags_the_preshared_key_without_its_value() -> None:
 def test_config_is_wg_quick_format_and_redaction_hides_every_key() -> None:
     interface = InterfaceSpec("wg0", ("10.99.0.1/24",), 51820, 1420, (spec(), PeerSpec(KEY_A, ())))
     text = render_config(interface, SECRET)
-    assert text.splitlines()[1:6] == ["[Interface]", f"PrivateKey = {SECRET}", "Address = 10.99.0.1/24",
-                                      "ListenPort = 51820", "MTU = 1420"]
+    assert text.splitlines()[1:7] == ["[Interface]", f"PrivateKey = {SECRET}", "Address = 10.99.0.1/24",
+                                      "Table = off", "ListenPort = 51820", "MTU = 1420"]
     assert f"PresharedKey = {PSK}" in text and "AllowedIPs = 10.88.2.0/24, 10.99.0.2/32" in text
     assert "PersistentKeepalive = 25" in text and text.count("[Peer]") == 2
     shown = redact_config(text)
@@ -156,3 +161,68 @@ def test_bad_endpoints_name_the_field(endpoint: str) -> None:
     with pytest.raises(InputError) as err:
         resolve_endpoint("peers[1].endpoint", endpoint)
     assert err.value.field_name == "peers[1].endpoint"
+
+
+def test_a_roamed_endpoint_is_kept_unless_the_declaration_changed_or_policy_is_always() -> None:
+    live = parse_dump(DUMP).peers[KEY_B]  # live endpoint 192.0.2.2:51820
+    declared = spec(endpoint="203.0.113.5:51820", endpoint_forms=frozenset(["203.0.113.5:51820"]))
+    # The config says the last run declared the same endpoint: the peer roamed, leave it.
+    assert peer_differences(declared, live, "203.0.113.5:51820") == []
+    # Declared endpoint changed since the last run, or no record of it: set it.
+    assert peer_differences(declared, live, "203.0.113.4:51820") == ["endpoint"]
+    assert peer_differences(declared, live, None) == ["endpoint"]
+    assert peer_differences(dataclasses.replace(declared, endpoint_policy="always"), live,
+                            "203.0.113.5:51820") == ["endpoint"]
+    # A peer without any live endpoint gets the declared one whatever the record says.
+    idle = parse_dump(DUMP).peers[KEY_A]
+    fresh = PeerSpec(KEY_A, (), 0, "203.0.113.5:51820", frozenset(["203.0.113.5:51820"]))
+    assert peer_differences(fresh, idle, "203.0.113.5:51820") == ["endpoint"]
+
+
+def test_config_endpoints_are_read_per_peer() -> None:
+    interface = InterfaceSpec("wg0", ("10.99.0.1/24",), 51820, None, (spec(), PeerSpec(KEY_A, ())))
+    assert config_endpoints(render_config(interface, SECRET)) == {KEY_B: "192.0.2.2:51820"}
+    assert config_endpoints(None) == {}
+    assert config_endpoints("[Peer]\nEndpoint = 192.0.2.9:1\n") == {}, "no key before it: no owner"
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("0.0.0.0/32", "0.0.0.0/8"), ("127.0.0.0/8", "loopback"), ("127.1.0.0/16", "loopback"),
+    ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"), ("255.255.255.255/32", "broadcast"),
+    ("::1/128", "loopback"), ("ff02::/16", "multicast"),
+    ("0.0.0.0/0", None), ("0.0.0.0/1", None), ("::/0", None), ("10.88.1.0/24", None), ("fe80::/64", None),
+    ("203.0.113.7/32", None),
+])
+def test_allowed_ips_no_host_can_send_from_are_named(text: str, reason: str | None) -> None:
+    found = network_reason(ipaddress.ip_network(text))
+    assert (found is None) if reason is None else (reason in found)
+
+
+def test_addresses_that_are_no_host_are_named() -> None:
+    assert "loopback" in address_reason(ipaddress.ip_address("127.0.0.1"))
+    assert "unspecified" in address_reason(ipaddress.ip_address("::"))
+    assert address_reason(ipaddress.ip_address("192.0.2.2")) is None
+
+
+@pytest.mark.parametrize("endpoint", ["0.0.0.0:51820", "127.0.0.1:51820", "224.0.0.1:51820",
+                                      "255.255.255.255:51820", "[::1]:51820", "[ff02::1]:51820"])
+def test_endpoints_that_are_no_host_are_refused_naming_field_and_value(endpoint: str) -> None:
+    with pytest.raises(InputError) as err:
+        resolve_endpoint("peers[0].endpoint", endpoint)
+    assert err.value.field_name == "peers[0].endpoint" and err.value.value == endpoint
+    assert "unicast host" in str(err.value)
+
+
+# What wireguard-go v0.0.20220316 printed when its socket directory was read-only.
+BANNER = "\n".join(["┌──────────────────────────────────────────────────────┐",
+                    "│   Running wireguard-go is not required because this  │",
+                    "└──────────────────────────────────────────────────────┘"])
+
+
+def test_wireguard_go_failure_is_its_error_lines_not_its_banner() -> None:
+    stdout = "ERROR: (wg0) 2026/11/27 05:52:05 UAPI listen error: remove /var/run/wireguard/wg0.sock: " \
+             "read-only file system\n"
+    assert userspace_failure(stdout, BANNER) == stdout.strip()
+    assert userspace_failure("", "INFO: (wg0) starting\nfailed to open tun\n" + BANNER) == (
+        "INFO: (wg0) starting; failed to open tun")
+    assert userspace_failure("", BANNER) == "no error output"
