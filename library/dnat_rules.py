@@ -11,42 +11,55 @@ description:
     runtime node) are I(gateway_ip):9000 to I(s3_ip):9000, I(gateway_ip):I(db_dport) to
     I(db_ip):I(db_port) and I(gateway_ip):9428 to I(vl_ip):9428, TCP; I(rules) adds any others.
     An empty target (C('')) means no rule for that service."
-  - "All rules live in the netloom-owned nat chain C(NETLOOM-DNAT), hooked into PREROUTING
-    (traffic from workers on the CNI bridge) and, with I(apply_output), OUTPUT (traffic of the
-    node's own network namespace). Each rule is
-    C(-d GW/32 -p tcp -m tcp --dport PORT -m comment --comment netloom-dnat:NAME -j DNAT
-    --to-destination IP:PORT). The chain is rewritten atomically (one iptables-restore) whenever
-    it differs, so a changed target replaces the old rule and a removed one disappears; hand-made
-    changes inside the chain are drift and are repaired. Jumps are tagged C(netloom:NETLOOM-DNAT)
-    and inserted at the top of PREROUTING/OUTPUT only when missing; other rules (Docker's
-    C(DOCKER) chains included) are never touched."
+  - "All rules live in netloom-owned nat chains: C(NETLOOM-DNAT), hooked into PREROUTING, holds
+    one rule per DNAT and ingress interface (traffic arriving on I(ingress_interfaces), e.g. from
+    workers on the CNI bridge), C(-d GW/32 -i IF -p tcp -m tcp --dport PORT -m comment --comment
+    netloom-dnat:NAME -j DNAT --to-destination IP:PORT); with I(apply_output), C(NETLOOM-DNAT-OUT),
+    hooked into OUTPUT, holds the same rules without C(-i) (traffic of the node's own network
+    namespace). Each chain is rewritten atomically (one iptables-restore) whenever it differs, so a
+    changed target replaces the old rule and a removed one disappears; hand-made changes inside
+    the chains are drift and are repaired. Jumps are tagged C(netloom:CHAIN) and inserted at the
+    top of PREROUTING/OUTPUT only when missing; other rules (Docker's C(DOCKER) chains included)
+    are never touched."
   - "DNAT to 127.0.0.0/8 needs C(route_localnet=1) on the interface the packet arrives on. It is
     set only on I(localnet_interfaces) (the ingress interfaces, e.g. the CNI bridge), never on
     C(all) or C(default), and only when some target is in 127.0.0.0/8. Traffic that the node
     itself sends (OUTPUT) does not need it: the gateway address is local, so it travels over lo.
-    A failed write fails the module."
+    A listed interface that does not exist yet (the CNI bridge before Docker creates it) is not
+    an error: it is returned in C(pending_interfaces) with a warning, the guard and the DNAT go
+    in, and route_localnet is set by the first run (or boot replay) that finds it."
   - "CVE-2020-8558 guard: C(route_localnet=1) alone would let any neighbour on that interface
-    reach every service bound to 127.0.0.1 by sending packets addressed to 127.0.0.1. Whenever
-    route_localnet is in use, the netloom-owned raw chain C(NETLOOM-LOCALNET-GUARD), hooked into
-    raw PREROUTING, holds C(-d 127.0.0.0/8 ! -i lo -j DROP) (commented). The raw table sees the
-    destination a packet arrived with, before conntrack and NAT: our DNATed traffic still carries
-    I(gateway_ip) there and passes, while a packet that arrives on any interface other than lo
-    already addressed to 127.0.0.0/8 (which no legitimate sender does) is dropped before
-    conntrack state is created for it and before route_localnet is consulted. The guard is put in
-    place before route_localnet is enabled and removed only after it is disabled."
-  - "Persistence: the module writes the route_localnet values to I(sysctl_file) (a whole file it
-    owns, replaced atomically); at boot systemd-sysctl applies it, and its udev hook applies the
-    per-interface lines when the interface (e.g. the CNI bridge) appears. The module does NOT
-    persist iptables rules: they are in the kernel only and are gone after a reboot. Re-run the
-    module at boot (the role's boot-time converge, e.g. a systemd oneshot that runs the playbook
-    after the CNI bridge exists) to restore them. netfilter-persistent is not used because it
-    would also save and restore Docker's rules, which Docker recreates itself."
-  - "The interfaces listed in I(sysctl_file) are the module's record of where it set
-    route_localnet: one dropped from I(localnet_interfaces) is set back to 0. Without
-    I(sysctl_file) that record does not exist and such an interface keeps its value."
-  - "C(state=absent) sets route_localnet back to 0 on I(localnet_interfaces) and on those
-    recorded in I(sysctl_file), removes that file, then removes both netloom chains and their
-    jumps, and nothing else."
+    reach every service bound to 127.0.0.1 by sending packets addressed to 127.0.0.1. The
+    netloom-owned raw chain C(NETLOOM-LOCALNET-GUARD), hooked into raw PREROUTING, holds
+    C(-d 127.0.0.0/8 ! -i lo -j DROP) (commented). The raw table sees the destination a packet
+    arrived with, before conntrack and NAT: our DNATed traffic still carries I(gateway_ip) there
+    and passes, while a packet that arrives on any interface other than lo already addressed to
+    127.0.0.0/8 (which no legitimate sender does) is dropped before route_localnet is consulted.
+    The guard is in place whenever any interface of the node has (or, after this run, will have)
+    route_localnet=1, whoever set it: the module reads every
+    C(/proc/sys/net/ipv4/conf/*/route_localnet) (C(all) and C(default) included). The plan puts
+    the guard in before route_localnet is enabled, and removes it only after every reset."
+  - "Reboot survival: a real run records itself for netloom-restore (the module's arguments and
+    code under /var/lib/netloom/restore, replayed at boot by C(netloom-restore-early.service),
+    before Docker, and C(netloom-restore-late.service), after it). The early replay puts the
+    guard and the DNAT back before any worker can send; the late replay, once Docker has made
+    the CNI bridge and DOCKER-USER, sets route_localnet on it and hooks I(forward_accept). The
+    guard and route_localnet are thus restored by one mechanism, in the right order: nothing is
+    written to sysctl.d, because systemd-sysctl would enable route_localnet at boot before the
+    guard exists."
+  - "The recorded arguments are also the module's record of where it set route_localnet: an
+    interface dropped from I(localnet_interfaces) is set back to 0. An interface with
+    route_localnet=1 that the module has no record of is left as it is, with a warning, and
+    keeps the guard in place."
+  - "With I(forward_accept), the netloom-owned filter chain C(NETLOOM-EDGE-FWD), hooked from
+    Docker's C(DOCKER-USER) (the chain Docker evaluates before its own FORWARD rules and leaves
+    to the operator), accepts exactly the listed flows, e.g. the gateway invoking workers on
+    their port 8080 through wg0. While Docker has not created DOCKER-USER yet, the chain is
+    made and the jump is left for a later run (C(forward_hook_pending), a warning)."
+  - "C(state=absent) sets route_localnet back to 0 on I(localnet_interfaces) and on the recorded
+    ones, then removes the netloom chains and their jumps (the guard only when no interface keeps
+    route_localnet=1, with a warning otherwise), the restore entry and the earlier sysctl.d file
+    I(sysctl_file), and nothing else."
 version_added: "0.1.0"
 author: netloom
 requirements:
@@ -60,7 +73,8 @@ options:
   gateway_ip:
     description:
       - The address workers send to (C(CNI_GW_IP)); the destination of the seed's rules and the
-        default I(rules[].dest_ip). An IPv4 address outside 127.0.0.0/8.
+        default I(rules[].dest_ip). An IPv4 address a host can hold (not 0/8, 127/8,
+        169.254/16, multicast or 240/4).
     type: str
     default: 10.88.0.1
   s3_ip:
@@ -105,14 +119,17 @@ options:
         choices: [tcp, udp]
         default: tcp
       dest_ip:
-        description: Destination address to match; defaults to I(gateway_ip).
+        description: Destination address to match (a unicast host address); defaults to I(gateway_ip).
         type: str
       dest_port:
         description: Destination port to match, 1..65535.
         type: int
         required: true
       to_ip:
-        description: IPv4 address to DNAT to (not a host name); C('') means no rule.
+        description:
+          - IPv4 address to DNAT to (not a host name); C('') means no rule. 127.0.0.0/8 (a local
+            proxy) and 169.254.0.0/16 (e.g. a metadata service) are valid targets; 0.0.0.0/8,
+            multicast and 240.0.0.0/4 are not.
         type: str
         required: true
       to_port:
@@ -122,25 +139,66 @@ options:
     description:
       - Interfaces that receive traffic DNATed to 127.0.0.0/8 (the CNI bridge); they get
         C(net.ipv4.conf.IF.route_localnet=1). Required when a target is in 127.0.0.0/8 (the
-        default); C(all) and C(default) are refused. Each must exist.
+        default); C(all) and C(default) are refused. One that does not exist yet is pending.
     type: list
     elements: str
     default: []
+  ingress_interfaces:
+    description:
+      - Interfaces whose arriving traffic PREROUTING DNATs (each rule gets C(-i IF)). Omitted, they
+        are I(localnet_interfaces). Required when there is any rule; need not exist yet.
+    type: list
+    elements: str
+  forward_accept:
+    description:
+      - Forwarded flows to accept in C(NETLOOM-EDGE-FWD), hooked from Docker's C(DOCKER-USER)
+        (C([]) removes the chain and its jump).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: Unique name (lowercase letters, digits, C(_-), up to 32), kept in the rule's comment.
+        type: str
+        required: true
+      in_interface:
+        description: Interface the flow arrives on (e.g. C(wg0)).
+        type: str
+        required: true
+      out_interface:
+        description: Interface the flow leaves on (e.g. the CNI bridge).
+        type: str
+        required: true
+      protocol:
+        description: Transport protocol.
+        type: str
+        choices: [tcp, udp]
+        default: tcp
+      dest_port:
+        description: Destination port, 1..65535 (e.g. the workers' 8080).
+        type: int
+        required: true
   sysctl_file:
-    description: Persist file for the route_localnet values (owned as a whole); C('') persists nothing.
+    description:
+      - The sysctl.d file in which earlier netloom versions persisted route_localnet. It is read
+        once as a record of where route_localnet was set, then deleted (systemd-sysctl applying
+        it at boot, before the guard exists, is the hole the restore units close). C('') skips it.
+      - Omitted, C(/etc/sysctl.d/90-netloom-dnat.conf).
     type: str
-    default: /etc/sysctl.d/90-netloom-dnat.conf
 notes:
-  - Supports check mode and diff mode; both come from the same plan as the real run.
+  - Supports check mode and diff mode; both come from the same plan as the real run, even on a
+    node where the CNI bridge and Docker's chains do not exist yet.
   - Network namespaces are independent; run the module in the namespace whose traffic it should
     DNAT (for Edge Serverless Box, the runtime node's).
 """
 
 EXAMPLES = r"""
-- name: The seed's DNAT on a runtime node (local proxy on 127.0.0.1)
+- name: The seed's DNAT on a runtime node (local proxy on 127.0.0.1), gateway reaches workers' :8080
   dnat_rules:
     gateway_ip: 10.88.0.1
     localnet_interfaces: [esb-cni0]
+    forward_accept:
+      - {name: gateway-workers, in_interface: wg0, out_interface: esb-cni0, dest_port: 8080}
 
 - name: No logs rule, the database straight to its backend, plus a registry rule, no OUTPUT hook
   dnat_rules:
@@ -155,7 +213,7 @@ EXAMPLES = r"""
         dest_port: 5010
         to_ip: 127.0.0.1
 
-- name: Remove every netloom DNAT rule, the guard and route_localnet
+- name: Remove every netloom DNAT rule, the guard, route_localnet and the boot replay
   dnat_rules:
     state: absent
     localnet_interfaces: [esb-cni0]
@@ -174,11 +232,28 @@ localnet_interfaces:
   type: list
   elements: str
   sample: [esb-cni0]
+pending_interfaces:
+  description: Interfaces of I(localnet_interfaces) that do not exist yet; route_localnet is set when they do.
+  returned: state=present
+  type: list
+  elements: str
+  sample: [esb-cni0]
+ingress_interfaces:
+  description: Interfaces PREROUTING DNATs traffic from.
+  returned: state=present
+  type: list
+  elements: str
+  sample: [esb-cni0]
 guard:
   description: The CVE-2020-8558 guard rule in raw C(NETLOOM-LOCALNET-GUARD), or null when not needed.
-  returned: state=present
+  returned: always
   type: str
   sample: '-d 127.0.0.0/8 ! -i lo -m comment --comment "netloom: CVE-2020-8558 guard" -j DROP'
+forward_hook_pending:
+  description: True when I(forward_accept) is set but DOCKER-USER does not exist yet (no jump yet).
+  returned: state=present
+  type: bool
+  sample: false
 changes:
   description: One line per change made (or, in check mode, that would be made).
   returned: always
@@ -188,6 +263,7 @@ changes:
            "update sysctl net.ipv4.conf.esb-cni0.route_localnet"]
 """
 
+import glob
 import ipaddress
 import os
 import re
@@ -195,26 +271,46 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import ChangePlan, InputError, finish, guarded, ifname, port
-from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
-from ansible.module_utils.netloom.sysctl import (
-    plan_persist_file_removal,
-    plan_sysctls,
-    read_persist_file,
+from ansible.module_utils.netloom.common import (
+    ChangePlan,
+    InputError,
+    finish,
+    guarded,
+    ifname,
+    not_a_host_reason,
+    port,
+    unicast_host,
 )
+from ansible.module_utils.netloom.iptables import OwnedChain, canonical_rule, plan_chains, read_table
+from ansible.module_utils.netloom.persist import persist_root, plan_forget, plan_record, recorded_args
+from ansible.module_utils.netloom.sysctl import plan_persist_file_removal, plan_sysctls, read_persist_file
 
+MODULE_NAME = "dnat_rules"
+RESTORE_KEY = "main"
+# After the overlay modules (10, 20); in both phases: early puts the guard and the DNAT back
+# before Docker starts, late sets route_localnet on the bridge Docker has made by then.
+RESTORE_ORDER = 30
+RESTORE_PHASES = ("early", "late")
 NAT_CHAIN = "NETLOOM-DNAT"
+NAT_OUT_CHAIN = "NETLOOM-DNAT-OUT"
 GUARD_CHAIN = "NETLOOM-LOCALNET-GUARD"
+FORWARD_CHAIN = "NETLOOM-EDGE-FWD"
+FORWARD_HOOK = "DOCKER-USER"
 GUARD_RULE = '-d 127.0.0.0/8 ! -i lo -m comment --comment "netloom: CVE-2020-8558 guard" -j DROP'
 COMMENT_PREFIX = "netloom-dnat:"
+FORWARD_COMMENT_PREFIX = "netloom-fwd:"
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
+CONF_DIR = "/proc/sys/net/ipv4/conf"
+LEGACY_SYSCTL_FILE = "etc/sysctl.d/90-netloom-dnat.conf"
 SEED_PORTS = {"s3": 9000, "vl": 9428}
 # The seed's variables and defaults (CNI_GW_IP, DNAT_*_IP in local-proxy mode, DNAT_DB_DPORT, ...).
 SEED_DEFAULTS: dict[str, Any] = {"gateway_ip": "10.88.0.1", "s3_ip": "127.0.0.1", "db_ip": "127.0.0.1",
                                  "vl_ip": "127.0.0.1", "db_dport": 8001, "db_port": None,
                                  "apply_output": True, "rules": []}
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_LOCALNET_KEY_RE = re.compile(r"^net\.ipv4\.conf\.([^.]+)\.route_localnet$")
+# Used with fullmatch: `$` would also accept a name ending in a newline.
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_LOCALNET_KEY_RE = re.compile(r"net\.ipv4\.conf\.([^.]+)\.route_localnet")
 
 
 @dataclass(frozen=True)
@@ -228,15 +324,32 @@ class DnatRule:
     to_ip: str
     to_port: int
 
-    def spec(self) -> str:
-        """The rule in iptables-save form, so it compares equal to what the kernel reports."""
-        return (f"-d {self.dest_ip}/32 -p {self.protocol} -m {self.protocol} --dport {self.dest_port} "
-                f'-m comment --comment "{COMMENT_PREFIX}{self.name}" '
+    def spec(self, ingress: str | None = None) -> str:
+        """The rule in iptables-save form (with `-i` for PREROUTING), as the kernel reports it."""
+        match_in = f"-i {ingress} " if ingress else ""
+        return (f"-d {self.dest_ip}/32 {match_in}-p {self.protocol} -m {self.protocol} "
+                f'--dport {self.dest_port} -m comment --comment "{COMMENT_PREFIX}{self.name}" '
                 f"-j DNAT --to-destination {self.to_ip}:{self.to_port}")
 
     @property
     def to_loopback(self) -> bool:
         return ipaddress.IPv4Address(self.to_ip) in LOOPBACK
+
+
+@dataclass(frozen=True)
+class ForwardAccept:
+    """One forwarded flow accepted from DOCKER-USER: in_interface -> out_interface, protocol/port."""
+
+    name: str
+    in_interface: str
+    out_interface: str
+    protocol: str
+    dest_port: int
+
+    def spec(self) -> str:
+        return (f"-i {self.in_interface} -o {self.out_interface} -p {self.protocol} -m {self.protocol} "
+                f'--dport {self.dest_port} -m comment --comment "{FORWARD_COMMENT_PREFIX}{self.name}" '
+                "-j ACCEPT")
 
 
 # ---- validation and rule planning (pure) ----
@@ -245,30 +358,47 @@ def _address(field: str, value: Any) -> ipaddress.IPv4Address:
     """An IPv4 address; a host name is refused with the reason (iptables resolves once, at insert)."""
     text = str(value).strip()
     try:
-        address = ipaddress.IPv4Address(text)
+        return ipaddress.IPv4Address(text)
     except ValueError:
         if re.fullmatch(r"[A-Za-z0-9.-]+", text) and re.search(r"[A-Za-z]", text):
             raise InputError(field, value, "is a host name; DNAT needs an IPv4 address (let the local "
                              "proxy on 127.0.0.1 resolve names)") from None
         raise InputError(field, value, "not an IPv4 address") from None
-    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
-        raise InputError(field, value, "not a usable unicast address")
-    return address
 
 
 def destination_ip(field: str, value: Any) -> str:
-    address = _address(field, value)
-    if address in LOOPBACK:
-        raise InputError(field, value, "packets arriving for 127.0.0.0/8 are dropped by the guard; "
-                         "match the gateway address instead")
-    return str(address)
+    """An address packets arrive for: a unicast host address (127/8 would meet the guard)."""
+    _address(field, value)
+    return str(unicast_host(field, value))
 
 
 def target_ip(field: str, value: Any) -> str | None:
-    """A DNAT target, or None for an empty value (the seed's "no rule for it")."""
+    """A DNAT target, or None for an empty value (the seed's "no rule for it").
+
+    Loopback (a local proxy) and link-local (e.g. a metadata service) are real targets; the
+    other addresses no host can hold are refused.
+    """
     if value is None or str(value).strip() == "":
         return None
-    return str(_address(field, value))
+    address = _address(field, value)
+    reason = not_a_host_reason(address)
+    if reason and address not in LOOPBACK and address not in LINK_LOCAL:
+        raise InputError(field, value, f"cannot be a DNAT target: it is {reason}")
+    return str(address)
+
+
+def rule_name(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise InputError(field, value, "names are 1..32 of a-z 0-9 _ - (starting alphanumeric)")
+    return value
+
+
+def _checked(field: str, spec: str) -> None:
+    """The rule as iptables will see it, so any problem is reported under the caller's field."""
+    try:
+        canonical_rule(spec)
+    except ValueError as err:
+        raise InputError(field, spec, str(err)) from None
 
 
 def plan_rules(params: dict[str, Any]) -> list[DnatRule]:
@@ -299,9 +429,7 @@ def plan_rules(params: dict[str, Any]) -> list[DnatRule]:
         field = f"rules[{index}]"
         if not isinstance(item, dict):
             raise InputError(field, item, "must be a dict")
-        name = item.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise InputError(f"{field}.name", name, "names are 1..32 of a-z 0-9 _ - (starting alphanumeric)")
+        name = rule_name(f"{field}.name", item.get("name"))
         if name in names:
             raise InputError(f"{field}.name", name, "name already used (s3, db and vl are the seed's)")
         names.add(name)
@@ -324,24 +452,27 @@ def plan_rules(params: dict[str, Any]) -> list[DnatRule]:
             raise InputError(field, asdict(rule), f"{rule.protocol} {rule.dest_ip}:{rule.dest_port} is "
                              f"already DNATed by rule {seen[key]}")
         seen[key] = rule.name
+        _checked(field, rule.spec())
     return rules
 
 
-def interface_names(interfaces: list[Any]) -> list[str]:
-    """Validated ingress interface names; all/default are refused (they would open every interface)."""
-    names = [ifname("localnet_interfaces", name) for name in interfaces]
-    for name in names:
+def interface_names(field: str, interfaces: list[Any]) -> list[str]:
+    """Validated interface names; all/default are refused (they would open every interface)."""
+    if not isinstance(interfaces, list):
+        raise InputError(field, interfaces, "must be a list of interface names")
+    names = [ifname(f"{field}[{index}]", name) for index, name in enumerate(interfaces)]
+    for index, name in enumerate(names):
         if name in ("all", "default"):
-            raise InputError("localnet_interfaces", name, "route_localnet is set per ingress interface, "
-                             "never on all/default (CVE-2020-8558)")
+            raise InputError(f"{field}[{index}]", name, "route_localnet and DNAT are per ingress "
+                             "interface, never all/default (CVE-2020-8558)")
     if len(set(names)) != len(names):
-        raise InputError("localnet_interfaces", interfaces, "an interface is listed twice")
+        raise InputError(field, interfaces, "an interface is listed twice")
     return names
 
 
 def localnet_interfaces(rules: list[DnatRule], interfaces: list[Any]) -> list[str]:
     """Interfaces that need route_localnet: the given ones, and only when a target is loopback."""
-    names = interface_names(interfaces)
+    names = interface_names("localnet_interfaces", interfaces)
     loopback = [rule.name for rule in rules if rule.to_loopback]
     if not loopback:
         return []
@@ -352,15 +483,87 @@ def localnet_interfaces(rules: list[DnatRule], interfaces: list[Any]) -> list[st
     return names
 
 
+def ingress_interfaces(rules: list[DnatRule], params: dict[str, Any]) -> list[str]:
+    """Interfaces PREROUTING matches with -i: the given ones, else the localnet ones."""
+    given = params.get("ingress_interfaces")
+    field = "ingress_interfaces" if given is not None else "localnet_interfaces"
+    names = interface_names(field, given if given is not None else params.get("localnet_interfaces") or [])
+    if rules and not names:
+        raise InputError("ingress_interfaces", given, "the DNAT of arriving traffic needs the interfaces "
+                         "it arrives on (e.g. the CNI bridge); none given")
+    return names
+
+
+def forward_accepts(items: Any) -> list[ForwardAccept]:
+    """The validated forward_accept flows; each error names forward_accept[N].FIELD."""
+    if not isinstance(items, list):
+        raise InputError("forward_accept", items, "must be a list of flows")
+    flows: list[ForwardAccept] = []
+    names: set[str] = set()
+    for index, item in enumerate(items):
+        field = f"forward_accept[{index}]"
+        if not isinstance(item, dict):
+            raise InputError(field, item, "must be a dict")
+        name = rule_name(f"{field}.name", item.get("name"))
+        if name in names:
+            raise InputError(f"{field}.name", name, "name already used")
+        names.add(name)
+        protocol = item.get("protocol") or "tcp"
+        if protocol not in ("tcp", "udp"):
+            raise InputError(f"{field}.protocol", protocol, "must be tcp or udp")
+        flow = ForwardAccept(name, ifname(f"{field}.in_interface", item.get("in_interface")),
+                             ifname(f"{field}.out_interface", item.get("out_interface")), protocol,
+                             port(f"{field}.dest_port", item.get("dest_port")))
+        _checked(field, flow.spec())
+        flows.append(flow)
+    return flows
+
+
 def localnet_key(interface: str) -> str:
     """sysctl key of an interface's route_localnet (a "." in the name is written "/")."""
     return f"net.ipv4.conf.{interface.replace('.', '/')}.route_localnet"
 
 
-def owned_chains(rules: list[DnatRule], apply_output: bool) -> tuple[OwnedChain, OwnedChain]:
-    hooks = ("PREROUTING", "OUTPUT") if apply_output else ("PREROUTING",)
+def owned_chains(rules: list[DnatRule],
+                 ingress: tuple[str, ...] | list[str] = ()) -> tuple[OwnedChain, OwnedChain, OwnedChain]:
+    """Guard (raw), PREROUTING DNAT with one rule per ingress interface, OUTPUT DNAT without -i."""
+    prerouting = tuple(rule.spec(name) for rule in rules for name in ingress)
+    output = tuple(rule.spec() for rule in rules)
     return (OwnedChain("raw", GUARD_CHAIN, ("PREROUTING",), (GUARD_RULE,)),
-            OwnedChain("nat", NAT_CHAIN, hooks, tuple(rule.spec() for rule in rules)))
+            OwnedChain("nat", NAT_CHAIN, ("PREROUTING",), prerouting),
+            OwnedChain("nat", NAT_OUT_CHAIN, ("OUTPUT",), output))
+
+
+def forward_chain(flows: list[ForwardAccept], hooked: bool) -> OwnedChain:
+    return OwnedChain("filter", FORWARD_CHAIN, (FORWARD_HOOK,) if hooked else (),
+                      tuple(flow.spec() for flow in flows))
+
+
+def localnet_after(live: dict[str, str], enable: list[str], reset: list[str]) -> list[str]:
+    """Interfaces (all/default included, lo excluded) with route_localnet=1 once the plan has run."""
+    values = {**live, **{name: "1" for name in enable}, **{name: "0" for name in reset}}
+    return sorted(name for name, value in values.items() if value == "1" and name != "lo")
+
+
+def _valid_ifname(name: Any) -> bool:
+    try:
+        return ifname("record", name) not in ("all", "default")
+    except InputError:
+        return False
+
+
+# ---- live state ----
+
+def live_localnet() -> dict[str, str]:
+    """route_localnet of every interface of this network namespace (all and default included)."""
+    values: dict[str, str] = {}
+    for path in glob.glob(f"{CONF_DIR}/*/route_localnet"):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values[os.path.basename(os.path.dirname(path))] = handle.read().strip()
+        except OSError:
+            continue  # the interface went away while we read
+    return values
 
 
 # ---- the module ----
@@ -375,60 +578,113 @@ class DnatRules:
 
     def run(self) -> None:
         params = self.params
-        sysctl_file = params["sysctl_file"] or None
-        if sysctl_file is not None and not os.path.isabs(sysctl_file):
-            raise InputError("sysctl_file", sysctl_file, "must be an absolute path")
-        recorded = self.recorded_interfaces(sysctl_file)
+        legacy_file = self.legacy_sysctl_file()
         if params["state"] == "absent":
-            self.absent(sysctl_file, recorded)
+            given = interface_names("localnet_interfaces", params["localnet_interfaces"])
+            interface_names("ingress_interfaces", params["ingress_interfaces"] or [])
+            forward_accepts(params["forward_accept"])
+            self.absent(given, legacy_file)
             return
         rules = plan_rules(params)
         interfaces = localnet_interfaces(rules, params["localnet_interfaces"])
+        ingress = ingress_interfaces(rules, params)
+        flows = forward_accepts(params["forward_accept"])
         if params["localnet_interfaces"] and not interfaces:
             self.module.warn("no target is in 127.0.0.0/8, so route_localnet is not set on "
                              f"{', '.join(params['localnet_interfaces'])}")
-        guard, nat = owned_chains(rules, params["apply_output"])
-        # The guard goes in before route_localnet is enabled, so there is no unguarded moment.
-        self.plan.extend(plan_chains([guard], "present" if interfaces else "absent"))
-        self.plan.extend(plan_chains([nat]))
-        self.plan.extend(self.reset_localnet([name for name in recorded if name not in interfaces]))
-        if interfaces:
-            self.plan.extend(plan_sysctls({localnet_key(name): "1" for name in interfaces}, sysctl_file))
-        elif sysctl_file is not None:
-            self.plan.extend(plan_persist_file_removal(sysctl_file))
+
+        live = live_localnet()
+        existing = [name for name in interfaces if name in live]
+        pending = [name for name in interfaces if name not in live]
+        if pending:
+            self.module.warn(f"{', '.join(pending)} does not exist yet: the guard and the DNAT are in "
+                             "place, route_localnet is set when it exists (next run or boot replay)")
+        recorded = self.recorded_interfaces(legacy_file)
+        reset = [name for name in recorded if name not in interfaces and name in live]
+        still_on = localnet_after(live, existing, reset)
+        guard_needed = bool(interfaces) or bool(still_on)
+        self.warn_foreign(still_on, interfaces)
+
+        guard, nat, nat_out = owned_chains(rules, ingress)
+        hooked = bool(flows) and self.forward_hook_exists()
+        if flows and not hooked:
+            self.module.warn(f"{FORWARD_HOOK} does not exist yet (Docker has not started): "
+                             f"{FORWARD_CHAIN} is made, its jump comes with the next run or boot replay")
+        # The guard goes in before route_localnet is enabled and out only after every reset,
+        # so no interface ever has route_localnet=1 without it, even when a step fails.
+        if guard_needed:
+            self.plan.extend(plan_chains([guard]))
+        wanted = {nat: bool(rules), nat_out: bool(rules) and params["apply_output"],
+                  forward_chain(flows, hooked): bool(flows)}
+        self.plan.extend(plan_chains([chain for chain, keep in wanted.items() if keep]))
+        self.plan.extend(plan_chains([chain for chain, keep in wanted.items() if not keep], "absent"))
+        self.plan.extend(plan_sysctls({localnet_key(name): "1" for name in existing}))
+        self.plan.extend(plan_sysctls({localnet_key(name): "0" for name in reset}))
+        if not guard_needed:
+            self.plan.extend(plan_chains([guard], "absent"))
+        if legacy_file is not None:
+            self.plan.extend(plan_persist_file_removal(legacy_file))
+        plan_record(self.plan, self.module, MODULE_NAME, RESTORE_KEY, RESTORE_ORDER, RESTORE_PHASES)
         finish(self.module, self.plan, rules=[asdict(rule) for rule in rules],
-               localnet_interfaces=interfaces, guard=GUARD_RULE if interfaces else None)
+               localnet_interfaces=interfaces, pending_interfaces=pending, ingress_interfaces=ingress,
+               guard=GUARD_RULE if guard_needed else None,
+               forward_hook_pending=bool(flows) and not hooked)
 
-    def absent(self, sysctl_file: str | None, recorded: list[str]) -> None:
-        given = interface_names(self.params["localnet_interfaces"])
-        self.plan.extend(self.reset_localnet(sorted(set(given) | set(recorded))))
-        if sysctl_file is not None:
-            self.plan.extend(plan_persist_file_removal(sysctl_file))
-        guard, nat = owned_chains([], self.params["apply_output"])
-        self.plan.extend(plan_chains([guard, nat], "absent"))
-        finish(self.module, self.plan)
+    def absent(self, given: list[str], legacy_file: str | None) -> None:
+        live = live_localnet()
+        reset = [name for name in sorted(set(given) | set(self.recorded_interfaces(legacy_file)))
+                 if name in live]
+        still_on = localnet_after(live, [], reset)
+        self.warn_foreign(still_on, [])
+        self.plan.extend(plan_sysctls({localnet_key(name): "0" for name in reset}))
+        guard, nat, nat_out = owned_chains([])
+        chains = [nat, nat_out, forward_chain([], False)] + ([] if still_on else [guard])
+        self.plan.extend(plan_chains(chains, "absent"))
+        if legacy_file is not None:
+            self.plan.extend(plan_persist_file_removal(legacy_file))
+        plan_forget(self.plan, MODULE_NAME, RESTORE_KEY, RESTORE_ORDER)
+        finish(self.module, self.plan, guard=GUARD_RULE if still_on else None)
+
+    def warn_foreign(self, still_on: list[str], ours: list[str]) -> None:
+        """Say why the guard stays: route_localnet=1 where this module has no record of setting it."""
+        foreign = [name for name in still_on if name not in ours]
+        if foreign:
+            self.module.warn(f"route_localnet=1 on {', '.join(foreign)}, which this module did not set "
+                             "(or has no record of): left as it is, and the CVE-2020-8558 guard stays")
+
+    def legacy_sysctl_file(self) -> str | None:
+        """The sysctl.d file of earlier versions (under the persistence root when not given)."""
+        given = self.params["sysctl_file"]
+        if given is None:
+            return os.path.join(persist_root(), LEGACY_SYSCTL_FILE)
+        if given == "":
+            return None
+        if not os.path.isabs(given):
+            raise InputError("sysctl_file", given, "must be an absolute path")
+        return given
 
     @staticmethod
-    def recorded_interfaces(sysctl_file: str | None) -> list[str]:
-        """Interfaces whose route_localnet an earlier run persisted (the module's own record)."""
-        if sysctl_file is None:
-            return []
-        found = []
-        for key, value in read_persist_file(sysctl_file).items():
-            match = _LOCALNET_KEY_RE.match(key)
-            if not match or value != "1":
-                continue
-            try:  # a hand-edited record must not turn into a path outside /proc/sys/net/ipv4/conf
-                found.append(ifname(sysctl_file, match.group(1).replace("/", ".")))
-            except InputError:
-                continue
-        return found
+    def recorded_interfaces(legacy_file: str | None) -> list[str]:
+        """Where an earlier run set route_localnet: its restore entry, and an earlier sysctl.d file."""
+        found: list[str] = []
+        args = recorded_args(MODULE_NAME, RESTORE_KEY, RESTORE_ORDER)
+        if args is not None:
+            listed = args.get("localnet_interfaces")
+            listed = listed if isinstance(listed, list) else []
+            try:  # the interfaces that run set: listed, and only when a target was loopback
+                seeds = {key: args[key] for key in SEED_DEFAULTS if key in args}
+                found.extend(localnet_interfaces(plan_rules(seeds), listed))
+            except InputError:  # input this version refuses: count every valid listed name
+                found.extend(name for name in listed if _valid_ifname(name))
+        for key, value in (read_persist_file(legacy_file) if legacy_file else {}).items():
+            match = _LOCALNET_KEY_RE.fullmatch(key)
+            name = match.group(1).replace("/", ".") if match and value == "1" else ""
+            if _valid_ifname(name):  # a hand-edited record must not become a path outside conf/
+                found.append(name)
+        return list(dict.fromkeys(found))
 
-    @staticmethod
-    def reset_localnet(interfaces: list[str]) -> ChangePlan:
-        """route_localnet back to 0 where we had set it; interfaces that are gone need nothing."""
-        present = [name for name in interfaces if os.path.isdir(f"/proc/sys/net/ipv4/conf/{name}")]
-        return plan_sysctls({localnet_key(name): "0" for name in present})
+    def forward_hook_exists(self) -> bool:
+        return FORWARD_HOOK in read_table("filter")
 
 
 def main() -> None:
@@ -451,7 +707,15 @@ def main() -> None:
                 "to_port": {"type": "int"},
             }},
             "localnet_interfaces": {"type": "list", "elements": "str", "default": []},
-            "sysctl_file": {"type": "str", "default": "/etc/sysctl.d/90-netloom-dnat.conf"},
+            "ingress_interfaces": {"type": "list", "elements": "str"},
+            "forward_accept": {"type": "list", "elements": "dict", "default": [], "options": {
+                "name": {"type": "str", "required": True},
+                "in_interface": {"type": "str", "required": True},
+                "out_interface": {"type": "str", "required": True},
+                "protocol": {"type": "str", "choices": ["tcp", "udp"], "default": "tcp"},
+                "dest_port": {"type": "int", "required": True},
+            }},
+            "sysctl_file": {"type": "str"},
         },
         supports_check_mode=True,
     )

@@ -1,9 +1,11 @@
 """Netloom-owned iptables chains: read live state once per table, converge with one atomic restore.
 
 Ownership model: netloom owns a chain by its declared name and owns the jumps into it by a
-comment `netloom:<CHAIN>` on the jump rule in a built-in chain. Nothing else is read for
-writing: Docker's chains (DOCKER, DOCKER-USER, DOCKER-ISOLATION-*) and every foreign rule
-are left byte-identical, and built-in chains are never flushed, reordered or given a policy.
+comment `netloom:<CHAIN>` on the jump rule in a built-in chain (or in Docker's DOCKER-USER,
+the one foreign chain netloom hooks into; see EXTRA_HOOKS). Nothing else is read for
+writing: Docker's chains (DOCKER, DOCKER-USER apart from our tagged jump, DOCKER-ISOLATION-*)
+and every foreign rule are left byte-identical, and built-in chains are never flushed,
+reordered or given a policy.
 
 Callers pass rules in iptables-save form without the leading `-A CHAIN`, for example
 `-d 10.88.0.1/32 -p tcp -m tcp --dport 9000 -j DNAT --to-destination 127.0.0.1:9000`.
@@ -44,8 +46,12 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
     "raw": ("PREROUTING", "OUTPUT"),
 }
+# Non-built-in chains a netloom chain may also be hooked from: Docker's DOCKER-USER, the
+# chain Docker leaves to the operator and evaluates before its own FORWARD rules. It exists
+# only once Docker has started, so a jump into it is planned only when it is there.
+EXTRA_HOOKS: dict[str, tuple[str, ...]] = {"filter": ("DOCKER-USER",)}
 CHAIN_NAME_MAX = 28
-_CHAIN_NAME_RE = re.compile(r"^[A-Z0-9_-]+$")
+_CHAIN_NAME_RE = re.compile(r"[A-Z0-9_-]+")  # fullmatch: `$` passes a trailing newline
 COMMENT_PREFIX = "netloom:"
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
@@ -313,12 +319,17 @@ def _safe_canonical(spec: str) -> tuple[str, ...]:
 
 # ---- validation ----
 
+def hook_chains(table: str) -> tuple[str, ...]:
+    """Chains of `table` that may jump to a netloom chain: the built-ins, then EXTRA_HOOKS."""
+    return BUILTIN_CHAINS.get(table, ()) + EXTRA_HOOKS.get(table, ())
+
+
 def validate_chain(chain: OwnedChain, field: str) -> tuple[tuple[str, ...], ...]:
     """Check one OwnedChain and return its rules in canonical form; raise InputError."""
     if chain.table not in BUILTIN_CHAINS:
         raise InputError(f"{field}.table", chain.table, f"must be one of {', '.join(BUILTIN_CHAINS)}")
     name = chain.name
-    if not isinstance(name, str) or not _CHAIN_NAME_RE.match(name) or len(name) > CHAIN_NAME_MAX:
+    if not isinstance(name, str) or not _CHAIN_NAME_RE.fullmatch(name) or len(name) > CHAIN_NAME_MAX:
         raise InputError(f"{field}.name", name,
                          f"chain names are 1..{CHAIN_NAME_MAX} characters of A-Z 0-9 _ -")
     if name in BUILTIN_CHAINS[chain.table] or name.startswith("DOCKER"):
@@ -326,9 +337,9 @@ def validate_chain(chain: OwnedChain, field: str) -> tuple[tuple[str, ...], ...]
     if isinstance(chain.hooks, str) or isinstance(chain.rules, str):
         raise InputError(field, chain, "hooks and rules must be tuples of strings")
     for hook in chain.hooks:
-        if hook not in BUILTIN_CHAINS[chain.table]:
-            raise InputError(f"{field}.hooks", hook, f"not a built-in chain of table {chain.table} "
-                             f"({', '.join(BUILTIN_CHAINS[chain.table])})")
+        if hook not in hook_chains(chain.table):
+            raise InputError(f"{field}.hooks", hook, f"not a chain of table {chain.table} netloom hooks "
+                             f"into ({', '.join(hook_chains(chain.table))})")
     if len(set(chain.hooks)) != len(chain.hooks):
         raise InputError(f"{field}.hooks", list(chain.hooks), "a hook is listed twice")
     canonical = []
@@ -397,20 +408,36 @@ def _restorer(table: str, lines: list[str], runner: Runner) -> Callable[[], None
     return lambda: restore(table, lines, runner)
 
 
+def _docker_user_end(rules: list[str]) -> int:
+    """How many rules lead up to (and include) the last jump to Docker's DOCKER-USER; 0 without one.
+
+    Our jumps go after it: DOCKER-USER is the operators' override point and must see a packet
+    before any netloom chain accepts it. (Docker itself re-inserts that jump at position 1
+    whenever it starts, so a jump placed first on a host without Docker ends up after it.)
+    """
+    end = 0
+    for index, spec in enumerate(rules):
+        if _safe_canonical(spec) == ("-j", "DOCKER-USER"):
+            end = index + 1
+    return end
+
+
 def _jump_position(hook_rules: list[str], name: str) -> int:
-    """Where our jump goes after all tagged copies are deleted: 1, or where the first exact copy was.
+    """Where our jump goes after all tagged copies are deleted: first, or where the first exact copy
+    was, but never before Docker's DOCKER-USER jump.
 
     `-D CHAIN spec` always removes the first identical rule, so an extra copy cannot be deleted
     on its own; instead every tagged copy is deleted and one jump re-inserted at the first exact
     copy's position (counted without the tagged rules before it), which moves no other rule.
     """
+    floor = _docker_user_end([spec for spec in hook_rules if not _is_tagged_for(spec, name)]) + 1
     tagged_before = 0
     for index, spec in enumerate(hook_rules):
         if _is_tagged_for(spec, name):
             if _safe_canonical(spec) == jump_rule(name):
-                return index + 1 - tagged_before
+                return max(index + 1 - tagged_before, floor)
             tagged_before += 1
-    return 1
+    return floor
 
 
 def _plan_table(table: str, entries: list[tuple[OwnedChain, tuple[tuple[str, ...], ...]]],
@@ -426,7 +453,7 @@ def _plan_table(table: str, entries: list[tuple[OwnedChain, tuple[tuple[str, ...
     jumps: list[str] = []
     flush: list[str] = []
     delete: list[str] = []
-    builtins = BUILTIN_CHAINS[table]
+    hooks = hook_chains(table)
     for chain, desired in entries:
         name = chain.name
         exists = name in live
@@ -447,7 +474,10 @@ def _plan_table(table: str, entries: list[tuple[OwnedChain, tuple[tuple[str, ...
 
         wanted_hooks = chain.hooks if state == "present" else ()
         jump = render_rule(jump_rule(name))
-        for hook in builtins:
+        for hook in hooks:
+            if hook in wanted_hooks and hook not in live and hook not in BUILTIN_CHAINS[table]:
+                raise CommandError(f"cannot hook {name} into {table} {hook}: {hook} does not exist "
+                                   "(Docker creates DOCKER-USER when it starts)")
             hook_rules = live.get(hook, [])
             tagged = [spec for spec in hook_rules if _is_tagged_for(spec, name)]
             hook_key = f"iptables {table} {hook} -> {name}"
@@ -456,7 +486,8 @@ def _plan_table(table: str, entries: list[tuple[OwnedChain, tuple[tuple[str, ...
                     jumps.extend(f"-D {hook} {spec}" for spec in tagged)
                     plan.add(hook_key, "delete", tagged, None)
                 continue
-            if len(tagged) == 1 and _safe_canonical(tagged[0]) == jump_rule(name):
+            if (len(tagged) == 1 and _safe_canonical(tagged[0]) == jump_rule(name)
+                    and hook_rules.index(tagged[0]) >= _docker_user_end(hook_rules)):
                 continue
             jumps.extend(f"-D {hook} {spec}" for spec in tagged)
             jumps.append(f"-I {hook} {_jump_position(hook_rules, name)} {jump}")

@@ -18,14 +18,14 @@ from collections.abc import Callable
 from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError
 
 PROC_SYS = "/proc/sys"
-_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_@:+/-]+$")
+_COMPONENT_RE = re.compile(r"[A-Za-z0-9_@:+/-]+")  # fullmatch: `$` passes a trailing newline
 PERSIST_HEADER = "# Managed by netloom: this whole file is rewritten; edit the inventory instead.\n"
 
 
 def key_to_path(key: str, root: str = PROC_SYS) -> str:
     """Map a dotted key to its /proc/sys path; InputError for anything that could escape it."""
     parts = key.split(".") if isinstance(key, str) else []
-    if len(parts) < 2 or not all(_COMPONENT_RE.match(part) for part in parts):
+    if len(parts) < 2 or not all(_COMPONENT_RE.fullmatch(part) for part in parts):
         raise InputError("sysctl key", key, "not a dotted sysctl name such as net.ipv4.ip_forward "
                          "(letters, digits and _@:+-/ between dots)")
     names = [part.replace("/", ".") for part in parts]

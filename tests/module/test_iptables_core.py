@@ -21,17 +21,31 @@ pytestmark = [pytest.mark.netns,
 
 CALL_CORE = """
 import json, sys
-from ansible.module_utils.netloom.common import CommandError
+from ansible.module_utils.netloom.common import PlanFailure
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 request = json.loads(sys.argv[2])
 chains = [OwnedChain(c["table"], c["name"], tuple(c["hooks"]), tuple(c["rules"])) for c in request["chains"]]
 plan = plan_chains(chains, request["state"])
 try:
     plan.execute()
-except CommandError as err:
+except PlanFailure as err:
     print(json.dumps({"error": str(err), "changes": plan.summary()}))
 else:
     print(json.dumps({"changes": plan.summary(), "diff": plan.diff()}))
+"""
+
+CALL_PLAN_ONLY = """
+import json, sys
+from ansible.module_utils.netloom.common import CommandError
+from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
+request = json.loads(sys.argv[2])
+chains = [OwnedChain(c["table"], c["name"], tuple(c["hooks"]), tuple(c["rules"])) for c in request["chains"]]
+try:
+    plan = plan_chains(chains, request["state"])
+except CommandError as err:
+    print(json.dumps({"error": str(err)}))
+else:
+    print(json.dumps({"changes": plan.summary()}))
 """
 
 FWD = {"table": "filter", "name": "NETLOOM-TEST-FWD", "hooks": ["FORWARD"],
@@ -96,9 +110,12 @@ def test_create_rerun_and_absent_leave_foreign_rules_byte_identical(ns: Netns) -
         "-s 10.0.0.0/8 -j ACCEPT", "-d 10.1.1.1/32 -p tcp -m tcp --dport 80 -j ACCEPT"]
     assert chain_rules(ns, "nat", "NETLOOM-TEST-DNAT") == [
         "-d 10.88.0.1/32 -p tcp -m tcp --dport 9000 -j DNAT --to-destination 127.0.0.1:9000"]
-    # Our jump is first; everything else in FORWARD keeps its order.
+    # Our jump comes right after Docker's DOCKER-USER jump (the operators' override point);
+    # everything else in FORWARD keeps its order.
     forward = chain_rules(ns, "filter", "FORWARD")
-    assert forward[0] == JUMP_FWD and forward[1:] == chain_rules_before(before, "FORWARD")
+    foreign_forward = chain_rules_before(before, "FORWARD")
+    assert foreign_forward[0] == "-j DOCKER-USER"
+    assert forward == [foreign_forward[0], JUMP_FWD, *foreign_forward[1:]]
     assert chain_rules(ns, "nat", "OUTPUT")[0] == \
         '-m comment --comment "netloom:NETLOOM-TEST-DNAT" -j NETLOOM-TEST-DNAT'
     assert without_ours(saved(ns)) == before
@@ -137,6 +154,11 @@ def test_drift_is_repaired_and_then_stable(ns: Netns) -> None:
     assert core(ns, [FWD])["changes"] == ["create iptables filter FORWARD -> NETLOOM-TEST-FWD"]
     assert saved(ns) == expected
 
+    # A jump in front of DOCKER-USER is moved back behind it.
+    ns.sh(f"iptables -D FORWARD {JUMP_FWD} && iptables -I FORWARD 1 {JUMP_FWD}")
+    assert core(ns, [FWD])["changes"] == ["update iptables filter FORWARD -> NETLOOM-TEST-FWD"]
+    assert saved(ns) == expected
+
     # Extra copies of our jump (one appended at the end) are removed, the first one kept.
     ns.sh(f"iptables -A FORWARD {JUMP_FWD}")
     assert core(ns, [FWD])["changes"] == ["update iptables filter FORWARD -> NETLOOM-TEST-FWD"]
@@ -156,6 +178,27 @@ def test_dropped_hook_loses_its_jump_and_changed_rules_replace_old_ones(ns: Netn
         "-d 10.88.0.1/32 -p tcp -m tcp --dport 9000 -j DNAT --to-destination 127.0.0.1:9100"]
     assert not any("NETLOOM" in rule for rule in chain_rules(ns, "nat", "OUTPUT"))
     assert core(ns, [moved])["changes"] == []
+
+
+def test_a_chain_hooked_from_docker_user_only_once_docker_made_it(ns: Netns) -> None:
+    accept = {"table": "filter", "name": "NETLOOM-TEST-EDGE", "hooks": ["DOCKER-USER"],
+              "rules": ["-i wg0 -o esb-cni0 -p tcp --dport 8080 -j ACCEPT"]}
+    jump = '-m comment --comment "netloom:NETLOOM-TEST-EDGE" -j NETLOOM-TEST-EDGE'
+    before = saved(ns)
+    assert core(ns, [accept])["changes"] == ["create iptables filter NETLOOM-TEST-EDGE",
+                                             "create iptables filter DOCKER-USER -> NETLOOM-TEST-EDGE"]
+    assert chain_rules(ns, "filter", "DOCKER-USER") == [jump, "-j RETURN"]  # ahead of Docker's RETURN
+    assert without_ours(saved(ns)) == before
+    assert core(ns, [accept])["changes"] == []
+    assert core(ns, [accept], state="absent")["changes"] == [
+        "delete iptables filter NETLOOM-TEST-EDGE", "delete iptables filter DOCKER-USER -> NETLOOM-TEST-EDGE"]
+    assert saved(ns) == before
+
+    # Without Docker there is no DOCKER-USER: planning says so instead of making Docker's chain.
+    ns.sh("iptables -D FORWARD -j DOCKER-USER && iptables -F DOCKER-USER && iptables -X DOCKER-USER")
+    missing = run_module_utils(ns, CALL_PLAN_ONLY, json.dumps({"chains": [accept], "state": "present"}))
+    assert "DOCKER-USER does not exist" in missing["error"]
+    assert "DOCKER-USER" not in saved(ns)
 
 
 def test_a_rule_iptables_rejects_changes_nothing_in_that_table(ns: Netns) -> None:

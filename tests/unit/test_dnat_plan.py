@@ -59,15 +59,58 @@ def test_rule_specs_are_already_in_iptables_save_form() -> None:
         "-j DNAT --to-destination 127.0.0.1:9000")
 
 
-def test_chains_follow_apply_output() -> None:
+def test_prerouting_rules_match_each_ingress_interface_and_output_none() -> None:
     rules = dnat.plan_rules({})
-    guard, nat = dnat.owned_chains(rules, apply_output=True)
-    assert (nat.table, nat.name, nat.hooks) == ("nat", "NETLOOM-DNAT", ("PREROUTING", "OUTPUT"))
-    assert nat.rules == tuple(rule.spec() for rule in rules)
-    assert dnat.owned_chains(rules, apply_output=False)[1].hooks == ("PREROUTING",)
+    guard, nat, nat_out = dnat.owned_chains(rules, ["esb-cni0", "eth1"])
+    assert (nat.table, nat.name, nat.hooks) == ("nat", "NETLOOM-DNAT", ("PREROUTING",))
+    assert nat.rules == tuple(rule.spec(name) for rule in rules for name in ("esb-cni0", "eth1"))
+    assert nat.rules[1] == ('-d 10.88.0.1/32 -i eth1 -p tcp -m tcp --dport 9000 -m comment --comment '
+                            '"netloom-dnat:s3" -j DNAT --to-destination 127.0.0.1:9000')
+    assert (nat_out.name, nat_out.hooks) == ("NETLOOM-DNAT-OUT", ("OUTPUT",))
+    assert nat_out.rules == tuple(rule.spec() for rule in rules)
+    assert all("-i " not in spec for spec in nat_out.rules)
+    for spec in nat.rules + nat_out.rules:  # already in iptables-save form: no rewrite on every run
+        assert render_rule(canonical_rule(spec)) == spec
     assert (guard.table, guard.hooks) == ("raw", ("PREROUTING",))
     assert guard.rules == (
         '-d 127.0.0.0/8 ! -i lo -m comment --comment "netloom: CVE-2020-8558 guard" -j DROP',)
+
+
+def test_ingress_interfaces_default_to_the_localnet_ones_and_are_required() -> None:
+    rules = dnat.plan_rules({})
+    assert dnat.ingress_interfaces(rules, {"localnet_interfaces": ["esb-cni0"]}) == ["esb-cni0"]
+    assert dnat.ingress_interfaces(rules, {"localnet_interfaces": ["esb-cni0"],
+                                           "ingress_interfaces": ["eth1"]}) == ["eth1"]
+    assert dnat.ingress_interfaces([], {"localnet_interfaces": []}) == []
+    with pytest.raises(InputError) as info:
+        dnat.ingress_interfaces(rules, {"localnet_interfaces": [], "ingress_interfaces": []})
+    assert info.value.field_name == "ingress_interfaces"
+    with pytest.raises(InputError) as info:
+        dnat.ingress_interfaces(rules, {"ingress_interfaces": ["eth1", "all"]})
+    assert info.value.field_name == "ingress_interfaces[1]"
+
+
+def test_forward_accept_flows_and_their_chain() -> None:
+    flows = dnat.forward_accepts([{"name": "workers", "in_interface": "wg0", "out_interface": "esb-cni0",
+                                   "dest_port": 8080}])
+    chain = dnat.forward_chain(flows, hooked=True)
+    assert (chain.table, chain.name, chain.hooks) == ("filter", "NETLOOM-EDGE-FWD", ("DOCKER-USER",))
+    assert chain.rules == ('-i wg0 -o esb-cni0 -p tcp -m tcp --dport 8080 -m comment --comment '
+                           '"netloom-fwd:workers" -j ACCEPT',)
+    assert render_rule(canonical_rule(chain.rules[0])) == chain.rules[0]
+    assert dnat.forward_chain(flows, hooked=False).hooks == ()
+    with pytest.raises(InputError) as info:
+        dnat.forward_accepts([{"name": "a", "in_interface": "wg0", "out_interface": "x", "dest_port": 1},
+                              {"name": "a", "in_interface": "wg0", "out_interface": "x", "dest_port": 2}])
+    assert info.value.field_name == "forward_accept[1].name"
+
+
+def test_localnet_after_the_plan_sees_every_interface_but_lo() -> None:
+    live = {"lo": "1", "all": "0", "default": "0", "eth0": "1", "esb-cni0": "0"}
+    assert dnat.localnet_after(live, ["esb-cni0"], ["eth0"]) == ["esb-cni0"]
+    assert dnat.localnet_after(live, [], ["eth0"]) == []
+    assert dnat.localnet_after({**live, "all": "1"}, [], ["eth0"]) == ["all"]
+    assert dnat.localnet_after(live, [], []) == ["eth0"]
 
 
 def test_route_localnet_only_where_needed() -> None:
@@ -92,8 +135,16 @@ def test_route_localnet_only_where_needed() -> None:
     ({"vl_ip": "10.0.0.300"}, "vl_ip", "not an IPv4"),
     ({"gateway_ip": "gateway"}, "gateway_ip", "host name"),
     ({"gateway_ip": "127.0.0.1"}, "gateway_ip", "127.0.0.0/8"),
-    ({"s3_ip": "0.0.0.0"}, "s3_ip", "unicast"),
-    ({"s3_ip": "224.0.0.1"}, "s3_ip", "unicast"),
+    ({"s3_ip": "0.0.0.0"}, "s3_ip", "0.0.0.0/8"),
+    ({"s3_ip": "224.0.0.1"}, "s3_ip", "multicast"),
+    ({"vl_ip": "255.255.255.255"}, "vl_ip", "240.0.0.0/4"),
+    ({"gateway_ip": "169.254.0.1"}, "gateway_ip", "link-local"),
+    ({"gateway_ip": "0.0.0.0"}, "gateway_ip", "unicast host"),
+    ({"rules": [{"name": "x", "dest_ip": "224.0.0.5", "dest_port": 80, "to_ip": "127.0.0.1"}]},
+     "rules[0].dest_ip", "multicast"),
+    ({"rules": [{"name": "x\n", "dest_port": 80, "to_ip": "127.0.0.1"}]}, "rules[0].name", "names"),
+    ({"rules": [{"name": "ok", "dest_port": 80, "to_ip": "127.0.0.1"},
+                {"name": "x y", "dest_port": 81, "to_ip": "127.0.0.1"}]}, "rules[1].name", "names"),
     ({"db_dport": 0}, "db_dport", "between 1 and 65535"),
     ({"db_dport": 65536}, "db_dport", "between 1 and 65535"),
     ({"db_port": 70000}, "db_port", "between 1 and 65535"),
@@ -118,6 +169,12 @@ def test_bad_input_names_field_and_value(params: dict[str, Any], field: str, rea
     with pytest.raises(InputError, match=reason) as info:
         dnat.plan_rules(params)
     assert info.value.field_name == field
+
+
+def test_loopback_and_link_local_targets_are_real_targets() -> None:
+    rows = table({"s3_ip": "127.0.0.5", "db_ip": "", "vl_ip": "", "rules": [
+        {"name": "metadata", "dest_port": 80, "to_ip": "169.254.169.254"}]})
+    assert [row[4] for row in rows] == ["127.0.0.5", "169.254.169.254"]
 
 
 def test_same_port_on_other_protocol_or_address_is_not_a_duplicate() -> None:

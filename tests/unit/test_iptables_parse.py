@@ -140,6 +140,8 @@ def test_unusable_rules_are_refused(rule: str, reason: str) -> None:
     (OwnedChain("filter", "FORWARD", (), ()), "chains[0].name"),
     (OwnedChain("filter", "DOCKER-USER", (), ()), "chains[0].name"),
     (OwnedChain("nat", "NETLOOM-X", ("FORWARD",), ()), "chains[0].hooks"),
+    (OwnedChain("nat", "NETLOOM-X", ("DOCKER-USER",), ()), "chains[0].hooks"),
+    (OwnedChain("filter", "NETLOOM-X\n", (), ()), "chains[0].name"),
     (OwnedChain("nat", "NETLOOM-X", ("OUTPUT", "OUTPUT"), ()), "chains[0].hooks"),
     (OwnedChain("nat", "NETLOOM-X", (), ("-s host.example -j RETURN",)), "chains[0].rules[0]"),
 ])
@@ -147,6 +149,10 @@ def test_bad_chains_fail_naming_the_field(chain: OwnedChain, field: str) -> None
     with pytest.raises(InputError) as info:
         validate_chain(chain, "chains[0]")
     assert info.value.field_name == field
+
+
+def test_docker_user_is_the_one_foreign_chain_a_filter_chain_may_be_hooked_from() -> None:
+    assert validate_chain(OwnedChain("filter", "NETLOOM-X", ("DOCKER-USER", "FORWARD"), ()), "c") == ()
 
 
 def test_duplicate_chains_and_bad_state_fail_before_reading_anything() -> None:

@@ -18,6 +18,7 @@ def test_dotted_keys_map_into_proc_sys(key: str, path: str) -> None:
 @pytest.mark.parametrize("key", [
     "", "ip_forward", "net..ipv4", ".net.ipv4", "net.ipv4.", "net.ipv4.conf.//.x",
     "net.ipv4.conf./.x", "net/../../etc/passwd", "net.ipv4 .ip_forward", "net.ipv4.conf.*.x", 42,
+    "net.ipv4.ip_forward\n", "net.ipv4.conf.eth0\n.route_localnet",
 ])
 def test_keys_that_are_not_sysctl_names_are_refused(key: object) -> None:
     with pytest.raises(InputError) as info:
