@@ -160,6 +160,7 @@ from ansible.module_utils.netloom.common import (
     ifname,
     ipv4_address,
     ipv4_network,
+    not_a_host_reason,
 )
 from ansible.module_utils.netloom.persist import plan_forget, plan_record, recorded_args
 from ansible.module_utils.netloom.wgroutes import NETLOOM_ROUTE_PROTO, Verdict, classify, forbidden_reason
@@ -211,17 +212,24 @@ class Route:
 
 
 def resolve_ipv4(field_name: str, host: str) -> str:
-    """An IPv4 literal as is, a name through the node's resolver (as getent hosts would)."""
+    """An IPv4 literal as is, a name through the node's resolver (as getent hosts would).
+
+    The result must be a unicast host: a route via 0.0.0.0, 127.0.0.1 or a multicast address
+    would fail in the kernel, or worse, succeed.
+    """
     try:
-        return str(ipaddress.IPv4Address(host))
+        address = ipaddress.IPv4Address(host)
     except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET)
-    except socket.gaierror as err:
-        raise InputError(field_name, host, f"does not resolve to an IPv4 address on this node "
-                                           f"({err.strerror})") from None
-    return str(infos[0][4][0])
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_INET)
+        except socket.gaierror as err:
+            raise InputError(field_name, host, f"does not resolve to an IPv4 address on this node "
+                                               f"({err.strerror})") from None
+        address = ipaddress.IPv4Address(infos[0][4][0])
+    reason = not_a_host_reason(address)
+    if reason:
+        raise InputError(field_name, host, f"cannot be a next hop: {address} is {reason}")
+    return str(address)
 
 
 class WireguardRoutes:

@@ -517,6 +517,8 @@ def test_bad_input_fails_naming_the_field_and_changes_nothing(lab: Lab) -> None:
                         ({"extra_routes": ["10.1.0.0/15"]}, "extra_routes[0]"),
                         ({"allow": ["127.0.0.1"]}, "allow[0]"),
                         ({"via_host": "no-such-host.invalid"}, "via_host"),
+                        ({"via_host": "127.0.0.1"}, "via_host"),
+                        ({"via_host": "0.0.0.0"}, "via_host"),
                         ({"via_host_cidr": "10.88.0.1/16"}, "via_host_cidr")):
         table = lab.gw.routes_table()
         failed = lab.gw.routes(**args)
