@@ -157,7 +157,7 @@ import ipaddress
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import CommandError, InputError, ifname, port
+from ansible.module_utils.netloom.common import InputError, ifname, port
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 from ansible.module_utils.netloom.netlink import (
@@ -238,11 +238,12 @@ class OverlayRunner(OverlayManager):
         overlay = self.overlay
         underlay = underlay_link(snapshot, "underlay_ip", self.underlay_ip)
         mtu = overlay_mtu("mtu", self.params["mtu"], underlay)
+        self.check_links_are_ours(snapshot, underlay)
         bridge = snapshot.link(self.bridge)
         if bridge is not None and bridge.kind != "bridge":
-            raise CommandError(f"bridge_name {self.bridge} exists as a {bridge.kind or 'physical'} link, "
-                               "not a bridge; netloom will not replace a link it does not own")
-        self.check_links_are_ours(snapshot, underlay)
+            raise InputError("bridge_name", self.bridge, f"exists as a {bridge.kind or 'physical'} link, "
+                                                         "not a bridge; netloom will not replace a link it "
+                                                         "does not own")
         check_overlay_routes(snapshot, "plan", self.params["plan"], overlay, {self.bridge, self.vxlan})
 
         check_vni_free(snapshot, "vni_base", {self.vni: self.vxlan}, self.port, {self.vxlan})

@@ -29,9 +29,8 @@ def hub_rules(overlay: str = "10.0.0.0/8") -> list[str]:
     return ["-N NETLOOM-OVLHUB-FWD",
             f"-A NETLOOM-OVLHUB-FWD -s {overlay} -i vxkr+ -j ACCEPT",
             f"-A NETLOOM-OVLHUB-FWD -s {overlay} -i kohaku-host -j ACCEPT",
-            f"-A NETLOOM-OVLHUB-FWD -d {overlay} -o vxkr+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            f"-A NETLOOM-OVLHUB-FWD -d {overlay} -o kohaku-host -m conntrack --ctstate RELATED,ESTABLISHED "
-            "-j ACCEPT"]
+            *(f"-A NETLOOM-OVLHUB-FWD -d {overlay} -o {name} -m conntrack --ctstate RELATED,ESTABLISHED "
+              "-j ACCEPT" for name in ("vxkr+", "kohaku-host"))]
 
 
 @pytest.fixture

@@ -73,7 +73,8 @@ def test_create_check_diff_and_idempotence(runner: Netns) -> None:
     assert overlay_routes(runner)[0].startswith("10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay")
     assert runner.sh("sysctl -n net.ipv4.ip_forward").strip() == "1"
     assert runner.sh("iptables -S NETLOOM-OVLRUN-FWD").splitlines() == RUNNER_FORWARD
-    assert runner.sh("iptables -t nat -S NETLOOM-OVLRUN-NAT").splitlines() == ["-N NETLOOM-OVLRUN-NAT", MASQUERADE]
+    nat = runner.sh("iptables -t nat -S NETLOOM-OVLRUN-NAT").splitlines()
+    assert nat == ["-N NETLOOM-OVLRUN-NAT", MASQUERADE]
     assert result["runner"] == {"id": 1, "vni": 101, "subnet": "10.1.0.0/16", "gateway": "10.1.0.1",
                                 "hub_address": "10.1.0.254",
                                 "workloads": {"first": "10.1.0.2", "last": "10.1.255.254", "count": 65532}}

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import ipaddress
+import pathlib
 
 import pytest
+import yaml
 from ansible.module_utils.netloom.common import InputError
 from ansible.module_utils.netloom.plan import (
     AddressPlan,
@@ -121,6 +123,64 @@ def test_bad_plans_name_field_and_value(text: str, field: str, fragment: str) ->
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ("0.0.0.0/0/8/24", "is the default route"),
+    ("0.0.0.0/8/8/16", "overlaps 0.0.0.0/8 (this network)"),
+    ("0.0.0.0/4/8/20", "overlaps 0.0.0.0/8 (this network)"),
+    ("127.0.0.0/8/8/16", "overlaps 127.0.0.0/8 (loopback)"),
+    ("126.0.0.0/7/8/17", "overlaps 127.0.0.0/8 (loopback)"),
+    ("169.254.0.0/16/4/12", "overlaps 169.254.0.0/16 (link-local)"),
+    ("169.254.128.0/20/4/8", "overlaps 169.254.0.0/16 (link-local)"),
+    ("224.0.0.0/8/8/16", "overlaps 224.0.0.0/4 (multicast)"),
+    ("192.0.0.0/2/8/22", "overlaps 224.0.0.0/4 (multicast)"),
+    ("240.0.0.0/8/8/16", "overlaps 240.0.0.0/4 (reserved and broadcast)"),
+    ("255.255.0.0/16/8/8", "overlaps 240.0.0.0/4 (reserved and broadcast)"),
+])
+def test_plans_over_reserved_ranges_are_refused(text: str, fragment: str) -> None:
+    with pytest.raises(InputError) as err:
+        AddressPlan.parse(text)
+    assert err.value.field_name == "plan"
+    assert err.value.value == text
+    assert fragment in str(err.value)
+
+
+def test_plans_next_to_reserved_ranges_are_fine() -> None:
+    for text in ("1.0.0.0/8/8/16", "128.0.0.0/8/8/16", "169.253.0.0/16/4/12", "223.0.0.0/8/8/16",
+                 "10.0.0.0/8/8/16", "172.16.0.0/12/4/16", "192.168.0.0/16/8/8"):
+        assert str(AddressPlan.parse(text)) == text
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("10.20.0.10", "inside the overlay 10.0.0.0/8"),
+    ("10.0.0.1", "inside the overlay 10.0.0.0/8"),
+    ("0.0.0.0", "cannot be a unicast host"),
+    ("255.255.255.255", "cannot be a unicast host"),
+    ("127.0.0.1", "loopback"),
+    ("224.0.0.1", "multicast"),
+    ("169.254.1.1", "link-local"),
+])
+def test_underlay_addresses_are_unicast_hosts_outside_the_overlay(value: str, fragment: str) -> None:
+    with pytest.raises(InputError) as err:
+        SEED.underlay_address("underlay_ip", value)
+    assert err.value.field_name == "underlay_ip"
+    assert err.value.value == value
+    assert fragment in str(err.value)
+    assert str(SEED.underlay_address("underlay_ip", "192.168.50.10")) == "192.168.50.10"
+
+
+def test_example_inventory_is_coherent() -> None:
+    """The example's underlay lies outside its overlay, and every host passes the modules' checks."""
+    root = pathlib.Path(__file__).resolve().parents[2] / "inventory" / "example"
+    group_vars = yaml.safe_load((root / "group_vars" / "all.yml").read_text())
+    plan = AddressPlan.parse(group_vars["netloom_overlay_plan"])
+    groups = yaml.safe_load((root / "hosts.yml").read_text())["all"]["children"]
+    hub = next(iter(groups["overlay_hub"]["hosts"].values()))
+    plan.underlay_address("underlay_ip", hub["netloom_underlay_ip"])
+    entries = [{"name": name, "underlay_ip": host["netloom_underlay_ip"]}
+               for name, host in groups["overlay_runners"]["hosts"].items()]
+    assert len(parse_runners(plan, entries)) == 3
+
+
 @pytest.mark.parametrize("value, field", [
     ({"base": "10.0.0.0/8", "prefix": 9, "node_bits": 8, "subnet_bits": 16}, "plan.prefix"),
     ({"base": "10.0.0.0", "node_bits": 8, "subnet_bits": 16}, "plan.prefix"),
@@ -171,6 +231,14 @@ def runners(*entries: tuple) -> list[dict]:
     (runners(("a", "192.0.2.11", 0)), "runners[0].id", "between 1 and 255"),
     (runners(("a", "192.0.2.11", 256)), "runners[0].id", "between 1 and 255"),
     (runners(("a", "192.0.2.999")), "runners[0].underlay_ip", "not an IPv4"),
+    (runners(("a", "10.1.0.5")), "runners[0].underlay_ip", "inside the overlay"),
+    (runners(("a", "0.0.0.0")), "runners[0].underlay_ip", "cannot be a unicast host"),
+    (runners(("a", "127.0.0.1")), "runners[0].underlay_ip", "loopback"),
+    (runners(("a", "224.0.0.1")), "runners[0].underlay_ip", "multicast"),
+    (runners(("a\n", "192.0.2.11")), "runners[0].name", "runner names"),
+    (runners(("a b", "192.0.2.11")), "runners[0].name", "runner names"),
+    (runners((" a", "192.0.2.11")), "runners[0].name", "runner names"),
+    ([{"name": 5, "underlay_ip": "192.0.2.11"}], "runners[0].name", "runner names"),
     ([{"name": "", "underlay_ip": "192.0.2.11"}], "runners[0].name", "required"),
     ([{"name": "a", "underlay_ip": "192.0.2.11", "ip": "x"}], "runners[0].ip", "unknown"),
     (["a"], "runners[0]", "dict"),
