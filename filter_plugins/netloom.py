@@ -76,7 +76,7 @@ def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: 
     gateway_ip = ipaddress.IPv4Address(gateway)
     if gateway_ip not in base_net:
         raise ValueError(f"netloom_edge_gateway_ip: {gateway!r}: outside the worker base {base_net}")
-    # The block's first and last addresses are left out, as Docker's ip_range does.
+    # The block's own network and broadcast addresses are left out (Docker: netloom_edge_cni_reserved).
     first, last = subnet.network_address + 1, subnet.broadcast_address - 1
     return {
         "cniVersion": "1.0.0",
@@ -97,6 +97,23 @@ def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: 
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }
+
+
+def netloom_edge_cni_reserved(cni_subnet: str, base: str, gateway: str) -> dict[str, str]:
+    """Docker aux_addresses that keep workers off the CNI block's network and broadcast addresses.
+
+    Docker's ip_range hands out every address of the range that is a host of the *subnet*
+    (the base), so the first worker of 10.88.1.0/24 got 10.88.1.0. Reserving the block's first
+    and last address makes Docker start at .1 and stop at .254, as the CNI conflist does.
+    Addresses Docker reserves itself (the base's network/broadcast, the gateway) are left out.
+    """
+    subnet = ipaddress.IPv4Network(str(cni_subnet).strip())
+    base_net = ipaddress.IPv4Network(str(base).strip())
+    taken = {base_net.network_address, base_net.broadcast_address,
+             ipaddress.IPv4Address(str(gateway).strip())}
+    wanted = {"netloom-cni-network": subnet.network_address,
+              "netloom-cni-broadcast": subnet.broadcast_address}
+    return {name: str(address) for name, address in wanted.items() if address not in taken}
 
 
 def netloom_edge_control_address(network: str) -> str:
@@ -194,6 +211,7 @@ class FilterModule:
             "netloom_runner_of": netloom_runner_of,
             "netloom_edge_cni_subnet": netloom_edge_cni_subnet,
             "netloom_edge_cni_conflist": netloom_edge_cni_conflist,
+            "netloom_edge_cni_reserved": netloom_edge_cni_reserved,
             "netloom_edge_control_address": netloom_edge_control_address,
             "netloom_edge_wg_address": netloom_edge_wg_address,
             "netloom_edge_peers": netloom_edge_peers,

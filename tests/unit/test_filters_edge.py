@@ -6,6 +6,7 @@ import pytest
 from filter_plugins.netloom import (
     FilterModule,
     netloom_edge_cni_conflist,
+    netloom_edge_cni_reserved,
     netloom_edge_cni_subnet,
     netloom_edge_control_address,
     netloom_edge_peers,
@@ -58,6 +59,17 @@ def test_conflist_of_a_slash_30_has_two_worker_addresses() -> None:
     conflist = netloom_edge_cni_conflist("10.88.3.4/30", BASE, "10.88.0.1", "b", "n")
     ranges = conflist["plugins"][0]["ipam"]["ranges"]
     assert (ranges[0][0]["rangeStart"], ranges[0][0]["rangeEnd"]) == ("10.88.3.5", "10.88.3.6")
+
+
+@pytest.mark.parametrize("cni_subnet,expected", [
+    ("10.88.1.0/24", {"netloom-cni-network": "10.88.1.0", "netloom-cni-broadcast": "10.88.1.255"}),
+    ("10.88.3.4/30", {"netloom-cni-network": "10.88.3.4", "netloom-cni-broadcast": "10.88.3.7"}),
+    ("10.88.0.0/24", {"netloom-cni-broadcast": "10.88.0.255"}),  # 10.88.0.0 is the base's own
+    ("10.88.255.0/24", {"netloom-cni-network": "10.88.255.0"}),  # 10.88.255.255 too
+    ("10.88.0.0/16", {}),
+])
+def test_docker_reserves_the_node_block_edges_so_workers_start_at_one(cni_subnet, expected) -> None:
+    assert netloom_edge_cni_reserved(cni_subnet, BASE, "10.88.0.1") == expected
 
 
 def test_conflist_refuses_a_gateway_outside_the_base() -> None:
@@ -133,7 +145,8 @@ def test_relays_get_mapped_addresses_and_default_health_checks() -> None:
 
 def test_edge_filters_are_registered() -> None:
     filters = FilterModule().filters()
-    for name in ("netloom_edge_cni_subnet", "netloom_edge_cni_conflist", "netloom_edge_wg_address",
+    for name in ("netloom_edge_cni_subnet", "netloom_edge_cni_conflist", "netloom_edge_cni_reserved",
+                 "netloom_edge_wg_address",
                  "netloom_edge_control_address",
                  "netloom_edge_peers", "netloom_edge_relays"):
         assert name in filters
