@@ -26,10 +26,11 @@ description:
   - Sets C(net.ipv4.ip_forward=1) and, in the netloom-owned chain C(NETLOOM-OVLHUB-FWD) (jumped to
     from FORWARD, after Docker's C(DOCKER-USER) jump when there is one, so operators keep their
     override point), accepts forwarding of packets that come in on an overlay interface
-    (C(LINK_PREFIX+) and the anchor) from the overlay CIDR, and towards those interfaces only
-    replies (conntrack RELATED,ESTABLISHED), so a neighbour that routes the overlay through the hub
-    cannot open connections to workloads. Puts the VXLAN links into the firewalld C(trusted) zone
-    (runtime and permanent, one firewall-cmd call per plane) when firewalld runs.
+    (C(LINK_PREFIX+) and the anchor) from the overlay CIDR, towards those interfaces replies
+    (conntrack RELATED,ESTABLISHED), and drops anything else forwarded to them, so a neighbour that
+    routes the overlay through the hub cannot open connections to workloads. Puts the VXLAN links
+    into the firewalld C(trusted) zone (runtime and permanent, one firewall-cmd call per plane)
+    when firewalld runs.
   - The plan must not touch 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4 or 240.0.0.0/4
     (nor be the default route), underlay addresses must be unicast hosts outside the overlay, and
     the overlay must not overlap a route of this node that netloom does not own (routes through
@@ -93,7 +94,9 @@ options:
     default: []
     suboptions:
       name:
-        description: Runner name (its inventory hostname); unique.
+        description:
+          - Runner name (its inventory hostname), unique; letters, digits and C(_.:@-), starting
+            with a letter or digit.
         type: str
         required: true
       underlay_ip:
@@ -358,14 +361,18 @@ class OverlayHub(OverlayManager):
     def forward_rules(self) -> tuple[str, ...]:
         """FORWARD accepts for the overlay's own interfaces only (the vxkrN links and the anchor).
 
-        Anything from the overlay is forwarded; towards the overlay only replies: a neighbour on
-        the underlay that routes the overlay through this hub cannot open connections to workloads.
+        Anything from the overlay is forwarded; towards the overlay only replies, and the rest is
+        dropped: a neighbour on the underlay that routes the overlay through this hub cannot open
+        connections to workloads. The drop is the hub's own (a runner leaves it to Docker's
+        FORWARD policy and published ports): the hub has no Docker, so its FORWARD policy is
+        usually ACCEPT, and it serves workloads itself, never through FORWARD.
         """
         overlay = self.address_plan.overlay
         interfaces = (f"{self.link_prefix}+", self.anchor_name)
         return (*(f"-i {name} -s {overlay} -j ACCEPT" for name in interfaces),
                 *(f"-o {name} -d {overlay} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-                  for name in interfaces))
+                  for name in interfaces),
+                *(f"-o {name} -j DROP" for name in interfaces))
 
     def check_anchor_is_ours(self, snapshot: Snapshot, underlay: Link) -> None:
         """Refuse, before any change, an anchor_name that is the underlay or holds foreign addresses."""

@@ -225,6 +225,24 @@ def test_a_neighbour_routing_the_overlay_via_a_runner_gets_no_new_connection_thr
         assert "-P FORWARD DROP -c 1 " in runner.sh("iptables -S FORWARD -v")  # the neighbour's request
 
 
+def test_a_neighbour_routing_the_overlay_via_the_hub_is_dropped_there(
+        pair: tuple[Netns, Netns, pathlib.Path]) -> None:
+    """The hub has no Docker (FORWARD policy ACCEPT): its own chain drops what it must not forward."""
+    hub, runner, state_file = pair
+    with Netns("nlnbr") as neighbour:
+        sh(f"ip link add n1 type veth peer name n0 netns {neighbour.name} && ip link set n1 up"
+           " && ip addr add 198.51.100.1/24 dev n1", hub.name)
+        neighbour.sh("ip link set n0 up && ip addr add 198.51.100.50/24 dev n0"
+                     " && ip route add 10.1.0.0/16 via 198.51.100.1")
+        run_module_ok("overlay_hub", hub, hub_args(state_file))
+        run_module_ok("overlay_runner", runner, runner_args())
+        assert "100% packet loss" in neighbour.sh("ping -c1 -W1 10.1.0.1", check=False)
+        assert "-A NETLOOM-OVLHUB-FWD -o vxkr+ -c 1 " in hub.sh("iptables -S NETLOOM-OVLHUB-FWD -v")
+        assert hub.sh("iptables -S FORWARD").splitlines() == [
+            "-P FORWARD ACCEPT",
+            '-A FORWARD -m comment --comment "netloom:NETLOOM-OVLHUB-FWD" -j NETLOOM-OVLHUB-FWD']
+
+
 def test_the_jump_stays_behind_docker_user(tmp_path: pathlib.Path) -> None:
     with Netns("nlhub") as hub:
         hub.sh("ip link add u0 type veth peer name u1 && ip link set u0 up"

@@ -25,12 +25,14 @@ HUB_ENTRY = "10-overlay_hub@main.json"
 
 
 def hub_rules(overlay: str = "10.0.0.0/8") -> list[str]:
-    """The owned FORWARD chain as iptables -S prints it: overlay interfaces only, replies inbound."""
+    """The owned FORWARD chain as iptables -S prints it: overlay interfaces only, replies inbound,
+    anything else forwarded into them dropped."""
     return ["-N NETLOOM-OVLHUB-FWD",
             f"-A NETLOOM-OVLHUB-FWD -s {overlay} -i vxkr+ -j ACCEPT",
             f"-A NETLOOM-OVLHUB-FWD -s {overlay} -i kohaku-host -j ACCEPT",
             *(f"-A NETLOOM-OVLHUB-FWD -d {overlay} -o {name} -m conntrack --ctstate RELATED,ESTABLISHED "
-              "-j ACCEPT" for name in ("vxkr+", "kohaku-host"))]
+              "-j ACCEPT" for name in ("vxkr+", "kohaku-host")),
+            "-A NETLOOM-OVLHUB-FWD -o vxkr+ -j DROP", "-A NETLOOM-OVLHUB-FWD -o kohaku-host -j DROP"]
 
 
 @pytest.fixture
