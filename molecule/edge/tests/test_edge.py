@@ -171,6 +171,19 @@ def test_adjacent_host_cannot_reach_a_loopback_service_of_the_compute_node(adjac
     assert compute1.check_output("cat /proc/sys/net/ipv4/conf/esb-cni0/route_localnet") == "1"
 
 
+def test_allowed_ips_that_fail_the_filter_never_become_routes(control):
+    """The extra peer's 0.0.0.0/0 and public /32 are in WireGuard, never in the routing (wg-quick at
+    boot has Table = off; the route module refuses them), after converge and after a reboot."""
+    assert "1.2.3.4/32" in control.check_output("wg show wg0 allowed-ips")
+    routes = control.check_output("ip -4 route show table all")
+    assert "1.2.3.4" not in routes
+    assert not [line for line in routes.splitlines() if line.startswith("default") and "wg0" in line], routes
+    rules = control.check_output("ip -4 rule show")
+    assert "suppress_prefixlength" not in rules and "fwmark" not in rules, rules
+    owned = control.check_output("ip -4 route show dev wg0 proto 250")
+    assert "10.88.1.0/24" in owned and "10.88.2.0/24" in owned, owned
+
+
 def test_check_mode_after_converge_reports_no_change():
     """--check --diff of the converge playbook: every host's recap says changed=0."""
     assert_check_mode_reports_no_change({"control", "compute1", "compute2"})
