@@ -99,6 +99,10 @@ class RelayConfig:
     maxconn: int
     log_target: str
 
+    def referenced_files(self) -> list[str]:
+        """Files the config names (TLS certificates), which haproxy -c opens."""
+        return sorted({relay.tls_certificate for relay in self.relays if relay.tls_certificate})
+
     @property
     def resolvers_used(self) -> bool:
         """Only backends given by name need DNS at run time; IP backends never do."""
