@@ -40,7 +40,9 @@ EARLY_UNIT_TEXT = """\
 # Managed by netloom (persist.py): replays the last converged state at boot.
 [Unit]
 Description=netloom: restore the converged network state before Docker starts
-After=network.target
+# The underlay addresses are configured (network-online), containers are not running yet.
+Wants=network-online.target
+After=network-online.target
 Before=docker.service containerd.service
 ConditionDirectoryNotEmpty=/{entries}
 
