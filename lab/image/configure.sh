@@ -11,7 +11,8 @@ systemctl mask getty.target console-getty.service getty@.service serial-getty@.s
     container-getty@.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
     fstrim.timer systemd-pstore.service
 
-systemctl enable ssh.service netloom-lab-proc-sys-net.service netloom-lab-network.service
+systemctl enable ssh.service netloom-lab-proc-sys-net.service netloom-lab-network.service \
+    netloom-lab-hosts.service
 
 # Identity per container: systemd generates a machine-id at first boot when the file is
 # empty, sshd's drop-in generates host keys.
