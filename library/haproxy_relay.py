@@ -7,18 +7,26 @@ DOCUMENTATION = r"""
 module: haproxy_relay
 short_description: HAProxy TCP relays (local L4 proxy, registry relay), validated before they go live
 description:
-  - Renders a complete C(haproxy.cfg) from a list of TCP relays (one C(listen) section per relay,
-    one bind, one server) with the Jinja2 template embedded in C(module_utils/netloom/haproxy.py),
-    rendered on the managed node (needs Debian's C(python3-jinja2)).
-  - Install is validate-then-swap. The text is written to a temporary file next to I(path),
-    checked with C(haproxy -c -f TEMP), the previous file is kept as C(PATH.prev) (I(backup)),
-    and only then renamed over I(path) (C(os.replace), atomic). A config that C(haproxy -c)
+  - Writes a complete C(haproxy.cfg) for a list of TCP relays (one C(listen) section per relay,
+    one bind, one server). The file is rendered on the controller by netloom's C(haproxy_relay)
+    action plugin (C(action_plugins/), set in C(ansible.cfg)) from
+    C(templates/haproxy/haproxy_relay.cfg.j2), or from the operator's own I(template), and handed
+    to the module in I(rendered); the managed node needs no Jinja2. The plugin renders only from
+    arguments that pass this module's validation, and the module validates every argument again
+    before it uses the text. Called without the plugin, the module fails naming I(rendered).
+  - Install is validate-then-swap. The text is written to a uniquely named temporary file next
+    to I(path), checked with C(haproxy -c -f TEMP), the previous file is kept as C(PATH.prev)
+    (I(backup)), and only then moved over I(path) with C(atomic_move). A config that C(haproxy -c)
     rejects never goes live; the module fails with HAProxy's message and I(path) is unchanged.
   - The live file is compared byte for byte with the rendering, so a hand-edited file is
     reported as drift and restored; an unchanged file is not rewritten and HAProxy is not reloaded.
-  - Backends given by DNS name use a C(resolvers) section (default Docker's DNS 127.0.0.11:53)
-    and C(init-addr none), so HAProxy starts, and C(haproxy -c) passes, before the names resolve;
-    the server stays down until DNS answers. Backends given as IPv4 addresses need no DNS.
+  - A backend given by DNS name is resolved at start through libc (C(init-addr last,libc,none),
+    C(/etc/hosts), then the system resolver), so a managed hosts block is enough and HAProxy
+    starts, and C(haproxy -c) passes, before the name resolves (the server stays down until it
+    does). With I(resolvers) enabled (default Docker's DNS 127.0.0.11:53, where HAProxy runs in
+    a container) a C(resolvers) section also re-resolves the names at run time; on a host
+    without such a DNS server set C(resolvers.enabled=false) (no section; names are then
+    resolved again on reload). Backends given as IPv4 addresses need no resolution.
   - With I(manage_service=true) (needs systemd as PID 1) the module installs a unit drop-in
     (C(Environment=CONFIG=PATH) for Debian's unit, C(Restart=always)), enables the service,
     starts it when it is not running, and after a config change runs C(systemctl reload)
@@ -37,7 +45,7 @@ description:
 version_added: "0.1.0"
 author: netloom
 requirements:
-  - python3-jinja2 on the managed node
+  - netloom's action plugins on the controller (C(action_plugins) in C(ansible.cfg))
   - haproxy (C(haproxy -c) for I(validate))
   - systemd as PID 1 for I(manage_service)
 options:
@@ -121,9 +129,15 @@ options:
             type: int
             default: 2
   resolvers:
-    description: DNS for backends given by name; rendered only when such a backend exists.
+    description: DNS for backends given by name; rendered only when enabled and such a backend exists.
     type: dict
     suboptions:
+      enabled:
+        description:
+          - Write a C(resolvers) section (run-time re-resolution). C(false) where no DNS server
+            knows the names (a host with only C(/etc/hosts)); libc still resolves them at start.
+        type: bool
+        default: true
       name:
         description: Name of the C(resolvers) section.
         type: str
@@ -193,6 +207,28 @@ options:
     description: The systemd unit name.
     type: str
     default: haproxy
+  template:
+    description:
+      - The operator's own Jinja2 template for the config, used instead of
+        C(templates/haproxy/haproxy_relay.cfg.j2). It is rendered on the controller (relative
+        paths are found as C(ansible.builtin.template) finds C(src)) with the variables
+        C(config) (the validated relays, resolvers, timeouts, maxconn, log_target) and
+        C(marker) (keep it as the first line, or C(state=absent) will not remove the file),
+        and the filter C(hq) (HAProxy quoting). Read by the action plugin only.
+    type: str
+  rendered:
+    description:
+      - Set by netloom's action plugin, not by hand. The files rendered on the controller,
+        C(config) (the haproxy.cfg text) and C(dropin) (the unit drop-in, with I(manage_service)).
+        Required with C(state=present).
+    type: dict
+    suboptions:
+      config:
+        description: The rendered haproxy.cfg.
+        type: str
+      dropin:
+        description: The rendered systemd drop-in.
+        type: str
 notes:
   - Supports check mode and diff mode; both come from the same change plan as the real run.
     In check mode the new config is still checked with C(haproxy -c), on a private temporary file.
@@ -270,67 +306,25 @@ diff:
 """
 
 import os
-import re
-from collections.abc import Callable
 from typing import Any
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom import haproxy
 from ansible.module_utils.netloom.common import (
     ChangePlan,
     InputError,
     finish,
     guarded,
-    run_command,
 )
-
-DROPIN_NAME = "netloom-haproxy-relay.conf"
-_UNIT_RE = re.compile(r"[A-Za-z0-9:_.@-]+")  # fullmatch: `$` passes a trailing newline
-
-
-class SystemdService:
-    """The only code that talks to systemd: a seam, so file handling runs (and is tested) without it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @staticmethod
-    def booted() -> bool:
-        return os.path.isdir("/run/systemd/system")
-
-    def is_active(self) -> bool:
-        state = run_command(["systemctl", "is-active", self.name], check=False).strip()
-        return state in ("active", "reloading")
-
-    def is_enabled(self) -> bool:
-        return run_command(["systemctl", "is-enabled", self.name], check=False).strip() == "enabled"
-
-    def action(self, verb: str) -> Callable[[], None]:
-        return lambda: run_command(["systemctl", verb, self.name])
-
-    @staticmethod
-    def daemon_reload() -> None:
-        run_command(["systemctl", "daemon-reload"])
+from ansible.module_utils.netloom.files import read_bytes, remove_dropin, remove_file, write_file
+from ansible.module_utils.netloom.systemd import Unit, booted, daemon_reload, unit_name
 
 
-def read_text(field_name: str, path: str) -> bytes | None:
+def read_live(field_name: str, path: str) -> bytes | None:
     """The file's bytes, or None when absent; anything but a regular file is refused."""
-    if not os.path.lexists(path):
-        return None
-    if not os.path.isfile(path):
+    if os.path.lexists(path) and not os.path.isfile(path):
         raise InputError(field_name, path, "exists but is not a regular file")
-    with open(path, "rb") as stream:
-        return stream.read()
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Small unit files: temp name in the same directory, then rename."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.netloom-tmp"
-    with open(temp, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.chmod(temp, 0o644)
-    os.replace(temp, path)
+    return read_bytes(path)
 
 
 class HaproxyRelayManager:
@@ -340,7 +334,7 @@ class HaproxyRelayManager:
         self.module = module
         self.params = module.params
         self.path = ""
-        self.service: SystemdService | None = None
+        self.service: Unit | None = None
         self.dropin_path = ""
         self.backup_file: str | None = None
         self.validated = False
@@ -355,24 +349,30 @@ class HaproxyRelayManager:
             raise InputError("path", self.path,
                              f"directory {directory} does not exist (is haproxy installed?)")
         if self.params["manage_service"]:
-            unit = self.params["service"]
-            if unit.endswith(".service"):
-                unit = unit[: -len(".service")]
-            if not unit or not _UNIT_RE.fullmatch(unit):
-                raise InputError("service", self.params["service"], "not a systemd unit name")
-            if not SystemdService.booted():
+            unit = unit_name("service", self.params["service"])
+            if not booted():
                 raise InputError("manage_service", True,
                                  "systemd is not PID 1 here (/run/systemd/system missing); "
                                  "set manage_service=false and run HAProxy another way")
-            self.service = SystemdService(unit)
-            self.dropin_path = f"/etc/systemd/system/{unit}.service.d/{DROPIN_NAME}"
+            self.service = Unit(unit)
+            self.dropin_path = self.service.dropin_path(haproxy.DROPIN_NAME)
         if self.params["state"] == "absent":
             return None
         config = haproxy.parse_config(self.params)
-        if haproxy.jinja2 is None:
-            self.module.fail_json(msg=missing_required_lib(
-                "jinja2", reason="to render haproxy.cfg (Debian: apt-get install python3-jinja2)"))
+        # Every argument is valid; only now is the text rendered from them used.
+        self.rendered_text("config")
+        if self.service is not None:
+            self.rendered_text("dropin")
         return config
+
+    def rendered_text(self, key: str) -> str:
+        """A file the action plugin rendered on the controller; without the plugin there is none."""
+        text = (self.params["rendered"] or {}).get(key)
+        if text is None:
+            raise InputError(f"rendered.{key}", None,
+                             "is rendered on the controller by netloom's haproxy_relay action plugin: "
+                             "add netloom's action_plugins directory to ansible.cfg (action_plugins)")
+        return text
 
     # ---- planning ----
 
@@ -381,9 +381,9 @@ class HaproxyRelayManager:
         haproxy_bin = None
         if config is not None and self.params["validate"]:
             haproxy_bin = self.module.get_bin_path("haproxy", required=True)
-        live = read_text("path", self.path)
+        live = read_live("path", self.path)
         live_text = None if live is None else live.decode("utf-8", errors="replace")
-        dropin = read_text("service", self.dropin_path) if self.service else None
+        dropin = read_live("service", self.dropin_path) if self.service else None
         plan = ChangePlan()
         if config is None:
             self.plan_absent(plan, live_text, dropin)
@@ -399,7 +399,7 @@ class HaproxyRelayManager:
 
     def plan_present(self, plan: ChangePlan, config: haproxy.RelayConfig, live: bytes | None,
                      live_text: str | None, dropin: bytes | None, haproxy_bin: str | None) -> None:
-        text = haproxy.render(config)
+        text = self.rendered_text("config")
         config_changed = live != text.encode("utf-8")
         if config_changed:
             missing = [path for path in config.referenced_files() if not os.path.exists(path)]
@@ -409,18 +409,22 @@ class HaproxyRelayManager:
                 self.module.warn(f"check mode: haproxy -c is left to the real run, {', '.join(missing)} "
                                  "does not exist yet")
             elif haproxy_bin and self.module.check_mode:
-                self.warn_all(haproxy.check_text(haproxy_bin, text))
+                self.warn_all(haproxy.check_text(haproxy_bin, text, config.backend_names))
             self.validated = haproxy_bin is not None
             backup = self.params["backup"] and live is not None
             self.backup_file = haproxy.backup_path(self.path) if backup else None
 
             def install() -> None:
-                self.warn_all(haproxy.install(self.path, text, haproxy_bin, backup))
+                # haproxy -c checks the temp file beside the live one; a rejected config stops here.
+                check = (lambda temp: self.warn_all(haproxy.check_config(haproxy_bin, temp, config.backend_names))) \
+                    if haproxy_bin else None
+                write_file(self.module, self.path, text, keep_attrs=True, check=check,
+                           backup=self.backup_file)
 
             plan.add(self.path, "create" if live is None else "update", live_text, text, install)
         if self.service is None:
             return
-        dropin_text = haproxy.dropin_text(self.path)
+        dropin_text = self.rendered_text("dropin")
         dropin_changed = dropin != dropin_text.encode("utf-8")
         if dropin_changed:
             plan.add(self.dropin_path, "create" if dropin is None else "update",
@@ -441,9 +445,9 @@ class HaproxyRelayManager:
         if live_text is not None:
             backup = self.params["backup"]
             self.backup_file = haproxy.backup_path(self.path) if backup else None
-            plan.add(self.path, "delete", live_text, None, lambda: haproxy.remove(self.path, backup))
+            plan.add(self.path, "delete", live_text, None, lambda: remove_file(self.path, self.backup_file))
 
-    def plan_service(self, plan: ChangePlan, service: SystemdService, state: str, dropin_changed: bool,
+    def plan_service(self, plan: ChangePlan, service: Unit, state: str, dropin_changed: bool,
                      config_changed: bool) -> None:
         active, enabled = service.is_active(), service.is_enabled()
         state_names = {"start": ("stopped", "running"), "stop": ("running", "stopped"),
@@ -462,64 +466,17 @@ class HaproxyRelayManager:
             self.module.warn(f"haproxy -c: {warning}")
 
     def install_dropin(self, text: str) -> None:
-        write_atomic(self.dropin_path, text)
-        SystemdService.daemon_reload()
+        write_file(self.module, self.dropin_path, text)
+        daemon_reload()
 
     def remove_dropin(self) -> None:
-        os.unlink(self.dropin_path)
-        directory = os.path.dirname(self.dropin_path)
-        if not os.listdir(directory):
-            os.rmdir(directory)
-        SystemdService.daemon_reload()
+        remove_dropin(self.dropin_path)
+        daemon_reload()
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            state=dict(type="str", choices=["present", "absent"], default="present"),
-            path=dict(type="str", default=haproxy.DEFAULT_PATH),
-            relays=dict(type="list", elements="dict", options=dict(
-                name=dict(type="str", required=True),
-                bind=dict(type="str", required=True),
-                backend_host=dict(type="str", required=True),
-                backend_port=dict(type="int", required=True),
-                mode=dict(type="str", choices=["tcp"], default="tcp"),
-                transparent=dict(type="bool", default=False),
-                tls=dict(type="dict", options=dict(
-                    mode=dict(type="str", choices=list(haproxy.TLS_MODES), default="passthrough"),
-                    certificate=dict(type="str"),  # not "path": that would expand $VARS in it
-                )),
-                health_check=dict(type="dict", options=dict(
-                    enabled=dict(type="bool", default=haproxy.DEFAULT_HEALTH_CHECK["enabled"]),
-                    inter=dict(type="str", default=haproxy.DEFAULT_HEALTH_CHECK["inter"]),
-                    fall=dict(type="int", default=haproxy.DEFAULT_HEALTH_CHECK["fall"]),
-                    rise=dict(type="int", default=haproxy.DEFAULT_HEALTH_CHECK["rise"]),
-                )),
-            )),
-            resolvers=dict(type="dict", options=dict(
-                name=dict(type="str", default=haproxy.DEFAULT_RESOLVERS["name"]),
-                nameservers=dict(type="list", elements="str",
-                                 default=haproxy.DEFAULT_RESOLVERS["nameservers"]),
-                resolve_retries=dict(type="int", default=haproxy.DEFAULT_RESOLVERS["resolve_retries"]),
-                timeout_resolve=dict(type="str", default=haproxy.DEFAULT_RESOLVERS["timeout_resolve"]),
-                timeout_retry=dict(type="str", default=haproxy.DEFAULT_RESOLVERS["timeout_retry"]),
-                hold=dict(type="dict", default=haproxy.DEFAULT_RESOLVERS["hold"]),
-            )),
-            timeouts=dict(type="dict", options=dict(
-                connect=dict(type="str", default=haproxy.DEFAULT_TIMEOUTS["connect"]),
-                client=dict(type="str", default=haproxy.DEFAULT_TIMEOUTS["client"]),
-                server=dict(type="str", default=haproxy.DEFAULT_TIMEOUTS["server"]),
-            )),
-            maxconn=dict(type="int", default=haproxy.DEFAULT_MAXCONN),
-            log_target=dict(type="str", default=haproxy.DEFAULT_LOG_TARGET),
-            validate=dict(type="bool", default=True),
-            backup=dict(type="bool", default=True),
-            manage_service=dict(type="bool", default=True),
-            service=dict(type="str", default="haproxy"),
-        ),
-        required_if=[("state", "present", ["relays"])],
-        supports_check_mode=True,
-    )
+    module = AnsibleModule(argument_spec=haproxy.ARGUMENT_SPEC, required_if=haproxy.REQUIRED_IF,
+                           supports_check_mode=True)
     guarded(module, HaproxyRelayManager(module).run)
 
 

@@ -1,20 +1,21 @@
-"""HAProxy L4 relays (ESB's local proxy and registry relay): input model, rendering, safe install.
+"""HAProxy L4 relays (ESB's local proxy and registry relay): input model, validation, safe install.
 
-The Jinja2 template lives here as a string, not in templates/: Ansible ships only the module
-and module_utils to a node, so the config is rendered on the node with Debian's
-python3-jinja2 (the same engine the controller uses, so the template is ordinary Jinja2).
-Install is "validate before it goes live": the text is written next to the live file,
-checked with `haproxy -c`, the old file kept as PATH.prev, then swapped with os.replace,
-so a rejected config never replaces a working one.
+The config is rendered on the controller (action_plugins/haproxy_relay.py) from
+templates/haproxy/haproxy_relay.cfg.j2 with the `RelayConfig` this file builds from the
+module's arguments, so the controller renders from exactly what the module accepts and the
+node needs no Jinja2. On the node the module validates the arguments again, checks the
+rendered text with `haproxy -c` while it is still a private temp file beside the live one,
+keeps the old file as PATH.prev and swaps the new one in with `atomic_move`, so a rejected
+config never replaces a working one.
 """
 from __future__ import annotations
 
 import ipaddress
 import os
 import re
-import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,11 @@ from ansible.module_utils.netloom.common import (
     port,
 )
 
-try:
-    import jinja2
-except ImportError:  # reported by the module with the package to install, before any change
-    jinja2 = None
-
 MARKER = "# Managed by netloom haproxy_relay"
 DEFAULT_PATH = "/etc/haproxy/haproxy.cfg"
 DEFAULT_TIMEOUTS = {"connect": "5s", "client": "30s", "server": "30s"}
 DEFAULT_RESOLVERS: dict[str, Any] = {
+    "enabled": True,
     "name": "docker",
     "nameservers": ["127.0.0.11:53"],  # Docker's embedded DNS
     "resolve_retries": 3,
@@ -83,6 +80,7 @@ class Relay:
 
 @dataclass(frozen=True)
 class Resolvers:
+    enabled: bool
     name: str
     nameservers: list[str]
     resolve_retries: int
@@ -99,14 +97,23 @@ class RelayConfig:
     maxconn: int
     log_target: str
 
+    @property
+    def backend_names(self) -> list[str]:
+        """Backends given by DNS name (resolved by libc at start, by resolvers at run time)."""
+        return [relay.backend_host for relay in self.relays if relay.backend_is_name]
+
     def referenced_files(self) -> list[str]:
         """Files the config names (TLS certificates), which haproxy -c opens."""
         return sorted({relay.tls_certificate for relay in self.relays if relay.tls_certificate})
 
     @property
     def resolvers_used(self) -> bool:
-        """Only backends given by name need DNS at run time; IP backends never do."""
-        return any(relay.backend_is_name for relay in self.relays)
+        """A resolvers section only where a DNS server is declared and a backend is a name.
+
+        Names always resolve at start through libc (init-addr last,libc,none: /etc/hosts, then
+        the system resolver); the section re-resolves them at run time. IP backends need neither.
+        """
+        return self.resolvers.enabled and any(relay.backend_is_name for relay in self.relays)
 
 
 # ---- validation: every function raises InputError naming the field and the value ----
@@ -271,6 +278,7 @@ def _parse_resolvers(value: dict[str, Any] | None) -> Resolvers:
         if status not in HOLD_STATUSES:
             raise InputError("resolvers.hold", status, f"status must be one of {', '.join(HOLD_STATUSES)}")
     return Resolvers(
+        enabled=bool(merged["enabled"]),
         name=identifier("resolvers.name", merged["name"]),
         nameservers=servers,
         resolve_retries=int_range("resolvers.resolve_retries", merged["resolve_retries"], 1, 100),
@@ -330,67 +338,12 @@ def haproxy_quote(value: Any) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-TEMPLATE = """\
-{{ marker }}; hand edits are overwritten on the next run.
-global
-{% if config.log_target in ('stdout', 'stderr') %}
-    log {{ config.log_target }} format short local0 info
-{% elif config.log_target != 'none' %}
-    log {{ config.log_target | hq }} local0 info
-{% endif %}
-    maxconn {{ config.maxconn }}
-    user haproxy
-    group haproxy
-    chroot /var/lib/haproxy
-{% if config.resolvers_used %}
-
-resolvers {{ config.resolvers.name }}
-{% for nameserver in config.resolvers.nameservers %}
-    nameserver ns{{ loop.index }} {{ nameserver }}
-{% endfor %}
-    resolve_retries {{ config.resolvers.resolve_retries }}
-    timeout resolve {{ config.resolvers.timeout_resolve }}
-    timeout retry {{ config.resolvers.timeout_retry }}
-{% for status, period in config.resolvers.hold %}
-    hold {{ status }} {{ period }}
-{% endfor %}
-{% endif %}
-
-defaults
-    mode tcp
-{% if config.log_target != 'none' %}
-    log global
-    option tcplog
-    option dontlognull
-{% endif %}
-{% for name, value in config.timeouts.items() %}
-    timeout {{ name }} {{ value }}
-{% endfor %}
-{% for relay in config.relays %}
-
-listen {{ relay.name }}
-    bind {{ relay.bind }}
-{%- if relay.transparent %} transparent{% endif %}
-{%- if relay.tls_mode == 'terminate' %} ssl crt {{ relay.tls_certificate | hq }}{% endif %}
-
-    server {{ relay.name }} {{ relay.backend_host }}:{{ relay.backend_port }}
-{%- if relay.check %} check inter {{ relay.check.inter }} fall {{ relay.check.fall }} \
-rise {{ relay.check.rise }}{% endif %}
-{%- if relay.backend_is_name %} resolvers {{ config.resolvers.name }} resolve-prefer ipv4 \
-init-addr none{% endif %}
-
-{% endfor %}
-"""
-
-
-def render(config: RelayConfig) -> str:
-    """Render haproxy.cfg; StrictUndefined turns a template/model mismatch into an error."""
-    if jinja2 is None:
-        raise RuntimeError("jinja2 is not importable")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    env.filters["hq"] = haproxy_quote
-    return env.from_string(TEMPLATE).render(config=config, marker=MARKER)
+# The templates this module's files come from (under templates/, rendered on the controller).
+CONFIG_TEMPLATE = "haproxy/haproxy_relay.cfg.j2"
+DROPIN_TEMPLATE = "systemd/haproxy-relay.conf.j2"
+DROPIN_NAME = "netloom-haproxy-relay.conf"
+# Filters the templates may use (also in an operator's own template).
+TEMPLATE_FILTERS = {"hq": haproxy_quote}
 
 
 def owned(text: str | None) -> bool:
@@ -400,85 +353,37 @@ def owned(text: str | None) -> bool:
 
 # ---- install: temp file next to the live one, haproxy -c, backup, atomic swap ----
 
-def check_config(haproxy_bin: str, path: str) -> list[str]:
-    """Run `haproxy -c -f PATH`; raise CommandError with haproxy's alerts, else return its warnings."""
+def check_config(haproxy_bin: str, path: str, names: Iterable[str] = ()) -> list[str]:
+    """Run `haproxy -c -f PATH`; raise CommandError with haproxy's alerts, else return its warnings.
+
+    A backend `names` entry that does not resolve yet is no warning: init-addr ends in `none`,
+    so HAProxy runs and the server is down until the name resolves (hosts block, DNS).
+    """
     proc = subprocess.run([haproxy_bin, "-c", "-f", path], capture_output=True, text=True, check=False)
     output = (proc.stderr + proc.stdout).splitlines()
     if proc.returncode != 0:
         alerts = [line for line in output if "[ALERT]" in line] or output
         raise CommandError("haproxy -c rejected the rendered config (live file unchanged): "
                            + " | ".join(line.strip() for line in alerts))
-    return [line.strip() for line in output if "[WARNING]" in line]
+    expected = tuple(f"could not resolve address '{name}'" for name in names)
+    return [line.strip() for line in output
+            if "[WARNING]" in line and not any(text in line for text in expected)]
 
 
-def check_text(haproxy_bin: str, text: str) -> list[str]:
+def check_text(haproxy_bin: str, text: str, names: Iterable[str] = ()) -> list[str]:
     """Check mode's `haproxy -c`: the same check on a private temp file, nothing near the live one."""
     with tempfile.TemporaryDirectory(prefix="netloom-haproxy-") as directory:
         temp = os.path.join(directory, "haproxy.cfg")
         with open(temp, "w", encoding="utf-8") as stream:
             stream.write(text)
-        return check_config(haproxy_bin, temp)
+        return check_config(haproxy_bin, temp, names)
 
 
 def backup_path(path: str) -> str:
     return f"{path}.prev"
 
 
-def install(path: str, text: str, haproxy_bin: str | None, backup: bool) -> list[str]:
-    """Make `text` the live config at `path`; the live file changes only if haproxy accepts it.
-
-    Returns haproxy's warnings. Owner and mode of an existing file are kept (new: root, 0644).
-    """
-    directory = os.path.dirname(path) or "."
-    handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".netloom", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if os.path.exists(path):
-            stat = os.stat(path)
-            os.chmod(temp, stat.st_mode & 0o7777)
-            os.chown(temp, stat.st_uid, stat.st_gid)
-        else:
-            os.chmod(temp, 0o644)
-        warnings = check_config(haproxy_bin, temp) if haproxy_bin else []
-        if backup and os.path.exists(path):
-            keep_backup(path)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-    return warnings
-
-
-def keep_backup(path: str) -> None:
-    """Copy the live file to PATH.prev atomically (copy to a temp name, then rename)."""
-    prev = backup_path(path)
-    temp = f"{prev}.netloom-tmp"
-    shutil.copy2(path, temp)
-    os.replace(temp, prev)
-
-
-def remove(path: str, backup: bool) -> None:
-    """Remove the live config; with backup it is renamed to PATH.prev (one atomic step)."""
-    if backup:
-        os.replace(path, backup_path(path))
-    else:
-        os.unlink(path)
-
-
 # ---- systemd: pure decisions here, the systemctl calls in the module's service seam ----
-
-def dropin_text(path: str) -> str:
-    """The unit drop-in: point Debian's unit ($CONFIG) at our file and keep HAProxy supervised."""
-    return (f"{MARKER}\n"
-            "[Service]\n"
-            f"Environment=CONFIG={path}\n"
-            "Restart=always\n"
-            "RestartSec=2s\n")
-
 
 def service_actions(state: str, active: bool, enabled: bool, dropin_changed: bool,
                     config_changed: bool) -> list[str]:
@@ -498,3 +403,67 @@ def service_actions(state: str, active: bool, enabled: bool, dropin_changed: boo
     elif config_changed:
         actions.append("reload")
     return actions
+
+
+# ---- the module's arguments (shared with the action plugin, which renders from them) ----
+
+_HEALTH = DEFAULT_HEALTH_CHECK
+_RESOLVERS = DEFAULT_RESOLVERS
+ARGUMENT_SPEC: dict[str, Any] = dict(
+    state=dict(type="str", choices=["present", "absent"], default="present"),
+    path=dict(type="str", default=DEFAULT_PATH),
+    relays=dict(type="list", elements="dict", options=dict(
+        name=dict(type="str", required=True),
+        bind=dict(type="str", required=True),
+        backend_host=dict(type="str", required=True),
+        backend_port=dict(type="int", required=True),
+        mode=dict(type="str", choices=["tcp"], default="tcp"),
+        transparent=dict(type="bool", default=False),
+        tls=dict(type="dict", options=dict(
+            mode=dict(type="str", choices=list(TLS_MODES), default="passthrough"),
+            certificate=dict(type="str"),  # not "path": that would expand $VARS in it
+        )),
+        health_check=dict(type="dict", options=dict(
+            enabled=dict(type="bool", default=_HEALTH["enabled"]),
+            inter=dict(type="str", default=_HEALTH["inter"]),
+            fall=dict(type="int", default=_HEALTH["fall"]),
+            rise=dict(type="int", default=_HEALTH["rise"]),
+        )),
+    )),
+    resolvers=dict(type="dict", options=dict(
+        enabled=dict(type="bool", default=_RESOLVERS["enabled"]),
+        name=dict(type="str", default=_RESOLVERS["name"]),
+        nameservers=dict(type="list", elements="str", default=_RESOLVERS["nameservers"]),
+        resolve_retries=dict(type="int", default=_RESOLVERS["resolve_retries"]),
+        timeout_resolve=dict(type="str", default=_RESOLVERS["timeout_resolve"]),
+        timeout_retry=dict(type="str", default=_RESOLVERS["timeout_retry"]),
+        hold=dict(type="dict", default=_RESOLVERS["hold"]),
+    )),
+    timeouts=dict(type="dict", options=dict(
+        connect=dict(type="str", default=DEFAULT_TIMEOUTS["connect"]),
+        client=dict(type="str", default=DEFAULT_TIMEOUTS["client"]),
+        server=dict(type="str", default=DEFAULT_TIMEOUTS["server"]),
+    )),
+    maxconn=dict(type="int", default=DEFAULT_MAXCONN),
+    log_target=dict(type="str", default=DEFAULT_LOG_TARGET),
+    validate=dict(type="bool", default=True),
+    backup=dict(type="bool", default=True),
+    manage_service=dict(type="bool", default=True),
+    service=dict(type="str", default="haproxy"),
+    template=dict(type="str"),
+    rendered=dict(type="dict", options=dict(
+        config=dict(type="str"),
+        dropin=dict(type="str"),
+    )),
+)
+REQUIRED_IF = [("state", "present", ["relays"])]
+
+
+def config_variables(config: RelayConfig) -> dict[str, Any]:
+    """What the config template sees (an operator's own template too)."""
+    return {"config": config, "marker": MARKER}
+
+
+def dropin_variables(path: str) -> dict[str, Any]:
+    """What the drop-in template sees: Debian's unit reads $CONFIG, so it points at our file."""
+    return {"path": path, "marker": MARKER}

@@ -1,6 +1,7 @@
 """Throwaway network namespaces and a runner for modules inside them."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -63,14 +64,31 @@ def persist_root(netns: str | None) -> pathlib.Path:
     return PERSIST_ROOTS / (netns or "host")
 
 
+def controller_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments as netloom's action plugin of NAME passes them: plus the files it renders.
+
+    Ansible runs the plugin on the controller before the module; a test runs the same code here.
+    A `template` in the args must be an absolute path (the plugin finds relative ones).
+    """
+    plugin = ROOT / "action_plugins" / f"{name}.py"
+    if not plugin.exists():
+        return dict(args)
+    spec = importlib.util.spec_from_file_location(f"netloom_action_{name}", plugin)
+    assert spec and spec.loader
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    return code.ActionModule.rendered_args(args, args.get("template"))
+
+
 def run_module(name: str, args: dict[str, Any], netns: str | None = None,
-               check_mode: bool = False, diff: bool = True) -> dict[str, Any]:
+               check_mode: bool = False, diff: bool = True, controller: bool = True) -> dict[str, Any]:
     """Execute library/NAME.py as one process (inside `netns`) and return its JSON result.
 
+    With `controller` the args first go through the module's action plugin, as in an Ansible run.
     A failed module (fail_json) returns its result with failed=True instead of raising,
     so tests can assert on the message.
     """
-    payload = dict(args)
+    payload = controller_args(name, args) if controller else dict(args)
     payload["_ansible_check_mode"] = check_mode
     payload["_ansible_diff"] = diff
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:

@@ -1,20 +1,35 @@
-"""Rendering and input validation of module_utils/netloom/haproxy.py (pure: no haproxy, no files)."""
+"""Rendering (templates/haproxy, as the action plugin renders it) and input validation of haproxy.py.
+
+Pure: no haproxy, no node files.
+"""
 from __future__ import annotations
 
 import copy
 from typing import Any
 
 import pytest
+from action_plugins._netloom_action import render_file, template_path
+from ansible.module_utils.netloom import haproxy
 from ansible.module_utils.netloom.common import InputError
 from ansible.module_utils.netloom.haproxy import (
     MARKER,
-    dropin_text,
+    RelayConfig,
     haproxy_quote,
     owned,
     parse_config,
-    render,
     service_actions,
 )
+
+
+def render(config: RelayConfig) -> str:
+    """haproxy.cfg as the controller renders it (action_plugins/haproxy_relay.py)."""
+    return render_file(template_path(haproxy.CONFIG_TEMPLATE), haproxy.config_variables(config),
+                       haproxy.TEMPLATE_FILTERS)
+
+
+def dropin_text(path: str) -> str:
+    return render_file(template_path(haproxy.DROPIN_TEMPLATE), haproxy.dropin_variables(path))
+
 
 SEED_LOCAL_PROXY: dict[str, Any] = {"relays": [
     {"name": "s3", "bind": "127.0.0.1:9000", "backend_host": "s3-storage", "backend_port": 9000},
@@ -49,17 +64,18 @@ defaults
 
 listen s3
     bind 127.0.0.1:9000
-    server s3 s3-storage:9000 check inter 2s fall 3 rise 2 resolvers docker resolve-prefer ipv4 init-addr none
+    server s3 s3-storage:9000 check inter 2s fall 3 rise 2 resolvers docker resolve-prefer ipv4 \
+init-addr last,libc,none
 
 listen database
     bind 127.0.0.1:8001
     server database database:8000 check inter 2s fall 3 rise 2 resolvers docker resolve-prefer ipv4 \
-init-addr none
+init-addr last,libc,none
 
 listen victorialogs
     bind 127.0.0.1:9428
     server victorialogs victorialogs:9428 check inter 2s fall 3 rise 2 resolvers docker resolve-prefer ipv4 \
-init-addr none
+init-addr last,libc,none
 """
 
 
@@ -85,7 +101,7 @@ def test_registry_relay_passthrough_is_plain_tcp_to_the_registry() -> None:
     assert listen_section(text, "registry") == [
         "    bind 10.99.0.1:5010 transparent",
         "    server registry esb-registry:5010 check inter 2s fall 3 rise 2 resolvers docker "
-        "resolve-prefer ipv4 init-addr none",
+        "resolve-prefer ipv4 init-addr last,libc,none",
     ]
     assert "ssl" not in text
 
@@ -266,3 +282,14 @@ def test_dropin_points_the_unit_at_the_config_and_supervises_it() -> None:
     text = dropin_text("/etc/haproxy/haproxy.gateway.cfg")
     assert text.splitlines() == [MARKER, "[Service]", "Environment=CONFIG=/etc/haproxy/haproxy.gateway.cfg",
                                  "Restart=always", "RestartSec=2s"]
+
+
+def test_without_a_dns_server_names_resolve_through_libc_only() -> None:
+    """A compute host has no DNS server for the control names: no resolvers section at all, the
+    names still resolve at start through libc (the managed /etc/hosts block)."""
+    config = parse_config({**SEED_LOCAL_PROXY, "resolvers": {"enabled": False}})
+    text = render(config)
+    assert "resolvers" not in text
+    assert listen_section(text, "s3")[1] == (
+        "    server s3 s3-storage:9000 check inter 2s fall 3 rise 2 resolve-prefer ipv4 init-addr last,libc,none")
+    assert config.backend_names == ["s3-storage", "database", "victorialogs"]
