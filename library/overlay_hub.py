@@ -197,22 +197,20 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom.common import CommandError, InputError, ifname, port
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
-from ansible.module_utils.netloom.netlink import (
+from ansible.module_utils.netloom.netlink import Link, Netlink, Snapshot, Vxlan, run_with_netlink
+from ansible.module_utils.netloom.overlay import (
     ANCHOR_KINDS,
-    Link,
-    Netlink,
-    Snapshot,
-    Vxlan,
+    OverlayManager,
     check_overlay_routes,
     check_vni_free,
     describe_link,
     dummy_supported,
     overlay_mtu,
+    overlay_options,
     plan_addresses,
     plan_vxlan,
     underlay_link,
 )
-from ansible.module_utils.netloom.overlay import OverlayManager, overlay_options, run_with_netlink
 from ansible.module_utils.netloom.plan import (
     AddressPlan,
     ResolvedRunner,

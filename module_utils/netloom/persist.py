@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -98,6 +99,20 @@ def _zip_bytes(files: Iterable[tuple[str, bytes]]) -> bytes:
             info.external_attr = 0o644 << 16
             archive.writestr(info, data)
     return buffer.getvalue()
+
+
+def _zip_holds(path: str, files: Iterable[tuple[str, bytes]]) -> bool:
+    """Whether the zip at `path` is what _zip_bytes would write for `files`, read from its central
+    directory (names, sizes, CRC-32, dates, modes, compression): a no-op run compresses nothing."""
+    wanted = [(name, len(data), zlib.crc32(data), zipfile.ZIP_DEFLATED, ZIP_DATE, 0o644 << 16)
+              for name, data in sorted(files)]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            stored = [(info.filename, info.file_size, info.CRC, info.compress_type, info.date_time,
+                       info.external_attr) for info in archive.infolist()]
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return stored == wanted
 
 
 def _payload_files(module_name: str) -> tuple[list[tuple[str, bytes]], str]:
@@ -252,9 +267,9 @@ def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order
              "netloom_restore": {"module": module_name, "import": import_name, "phases": phases,
                                  "after": sorted(set(after))}}
     entry_bytes = (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode()
-    payload = _zip_bytes(files)
-    _plan_file(plan, f"restore payload {module_name}",
-               _path(restore.STATE_DIR, "payloads", f"{module_name}.zip"), payload, shown="digest")
+    payload_path = _path(restore.STATE_DIR, "payloads", f"{module_name}.zip")
+    if not _zip_holds(payload_path, files):
+        _plan_file(plan, f"restore payload {module_name}", payload_path, _zip_bytes(files), shown="digest")
     entry_path = os.path.join(_entries_dir(), name)
     live = read_bytes(entry_path)
     if live != entry_bytes:

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pathlib
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -366,3 +368,24 @@ def test_runner_refuses_an_overlay_over_a_foreign_route() -> None:
                   " && sysctl -qw net.ipv4.ip_forward=0")
         assert_refused(runner, "overlay_runner", runner_args(), "plan", PLAN,
                        "overlaps the route 10.0.0.0/8 via 192.0.2.254 dev u0")
+
+
+def test_a_changed_restore_payload_is_drift_that_the_next_run_repairs(
+        pair: tuple[Netns, Netns, pathlib.Path]) -> None:
+    """The no-op compares the stored payload by its zip directory (no re-compression); a payload
+    whose code differs (here a member rewritten, the zip still valid) is still found and rewritten."""
+    hub, _runner, state_file = pair
+    run_module_ok("overlay_hub", hub, hub_args(state_file))
+    payload = persist_root(hub.name) / "var/lib/netloom/restore/payloads/overlay_hub.zip"
+    original = payload.read_bytes()
+    assert not run_module_ok("overlay_hub", hub, hub_args(state_file))["changed"]
+    with zipfile.ZipFile(io.BytesIO(original)) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(payload, "w", zipfile.ZIP_DEFLATED) as archive:
+        for info, data in members:
+            archive.writestr(info, data + b"\n# edited on the node\n" if info.filename.endswith(
+                "overlay_hub.py") else data)
+    repaired = run_module_ok("overlay_hub", hub, hub_args(state_file))
+    assert repaired["changes"] == ["update restore payload overlay_hub"]
+    assert payload.read_bytes() == original
+    assert not run_module_ok("overlay_hub", hub, hub_args(state_file))["changed"]

@@ -283,7 +283,7 @@ print(json.dumps({
 
 
 def test_netlink_dump_reads_what_ip_reports(hub: Netns) -> None:
-    """The seam's struct decoder against iproute2's view of the same kernel objects."""
+    """The seam's reader against iproute2's view of the same kernel objects."""
     hub.sh("ip link add vxl type vxlan id 42 local 192.0.2.1 remote 192.0.2.9 dstport 8472 learning"
            " && ip link add vx6 type vxlan id 43 remote 2001:db8::9 dstport 4789"
            " && ip link add br9 mtu 1400 type bridge && ip link set vxl master br9 && ip link set br9 up"

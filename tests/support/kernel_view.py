@@ -39,3 +39,22 @@ def kernel_state(ns: Netns, routes: bool = False) -> str:
         tables.append(ns.sh("ip route"))
     tables += [ns.sh("iptables -S"), ns.sh("iptables -t nat -S"), ns.sh("sysctl -n net.ipv4.ip_forward")]
     return "\n".join([*summary, *tables])
+
+
+def all_addresses(ns: Netns, name: str) -> list[str]:
+    """IPv4 and IPv6 addresses of a link (link-local included), as iproute2 lists them."""
+    data = json.loads(ns.sh(f"ip -j addr show dev {name}"))
+    return sorted(f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"]) if data else []
+
+
+def routes(ns: Netns, table: str = "main") -> list[dict[str, Any]]:
+    """IPv4 routes of a table with numeric protocol, scope and type (`ip -j -N -d`)."""
+    return json.loads(ns.sh(f"ip -j -N -d -4 route show table {table}"))
+
+
+def neighbours(ns: Netns, name: str) -> list[dict[str, Any]]:
+    return json.loads(ns.sh(f"ip -j neigh show dev {name}"))
+
+
+def fdb(ns: Netns, name: str) -> list[dict[str, Any]]:
+    return json.loads(ns.sh(f"bridge -j fdb show dev {name}"))

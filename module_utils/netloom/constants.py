@@ -1,0 +1,29 @@
+"""Kernel numbers netloom compares or writes, in one place (linux/if.h, linux/rtnetlink.h,
+linux/neighbour.h), so every module reads the same value under the same name."""
+from __future__ import annotations
+
+IFF_UP = 0x1  # a link's administrative state (IFLA flags)
+
+# Routing tables (rtm_table).
+MAIN_TABLE = 254
+LOCAL_TABLE = 255
+
+# Routing protocols (rtm_protocol): who installed a route.
+RTPROT_KERNEL = 2  # the kernel's connected routes
+RTPROT_BOOT = 3    # the default of `ip route add`
+# Routes netloom's own modules install carry this protocol (`ip route ... proto 250`), so a
+# module finds its own routes again and leaves everyone else's alone.
+NETLOOM_ROUTE_PROTO = 250
+
+# Route scopes (rtm_scope).
+SCOPE_UNIVERSE = 0
+SCOPE_LINK = 253
+SCOPE_HOST = 254
+SCOPE_NOWHERE = 255  # in a delete request: match any scope, as `ip route del` does
+
+RTN_UNICAST = 1  # route type (rtm_type)
+
+# Neighbour states and flags (ndm_state, ndm_flags).
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
