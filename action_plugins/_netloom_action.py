@@ -22,7 +22,9 @@ with no controller, passes the same texts again.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,6 +83,20 @@ def restore_units() -> dict[str, str]:
 
     variables = {"runner": persist.RUNNER, "entries_dir": os.path.join(restore.STATE_DIR, "entries")}
     return {key: render_file(template_path(name), variables) for key, name in RESTORE_UNITS.items()}
+
+
+def module_argument_spec(name: str) -> dict[str, Any]:
+    """The module's own ARGUMENT_SPEC, read from library/NAME.py (importing it runs no module code)."""
+    import_name = f"netloom_library_{name}"
+    if import_name not in sys.modules:
+        path = os.path.join(REPO_DIR, "library", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(import_name, path)
+        if spec is None or spec.loader is None:
+            raise AnsibleError(f"cannot load {path}")
+        code = importlib.util.module_from_spec(spec)
+        sys.modules[import_name] = code  # dataclasses look their module up while it loads
+        spec.loader.exec_module(code)
+    return sys.modules[import_name].ARGUMENT_SPEC
 
 
 def normalised(argument_spec: Mapping[str, Any], args: Mapping[str, Any],

@@ -13,9 +13,9 @@ from typing import Any
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the shared base beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _netloom_action import NetloomAction, normalised, render_file, template_path  # noqa: E402
-from ansible.module_utils.netloom import haproxy  # noqa: E402
-from ansible.module_utils.netloom.common import InputError  # noqa: E402
+from _netloom_action import NetloomAction, normalised, render_file, template_path
+from ansible.module_utils.netloom import haproxy
+from ansible.module_utils.netloom.common import InputError
 
 
 class ActionModule(NetloomAction):

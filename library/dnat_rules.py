@@ -185,6 +185,20 @@ options:
         it at boot, before the guard exists, is the hole the restore units close). C('') skips it.
       - Omitted, C(/etc/sysctl.d/90-netloom-dnat.conf).
     type: str
+  rendered:
+    description:
+      - Set by netloom's action plugin of this module, not by hand. The netloom-restore units
+        rendered on the controller from C(templates/systemd/netloom-restore-*.service.j2); they
+        are recorded with the other arguments, so the boot replay writes the same units.
+        Without the plugin the module fails naming this option.
+    type: dict
+    suboptions:
+      restore_early:
+        description: C(netloom-restore-early.service), with the node-side slots unfilled.
+        type: str
+      restore_late:
+        description: C(netloom-restore-late.service), with the node-side slots unfilled.
+        type: str
 notes:
   - Supports check mode and diff mode; both come from the same plan as the real run, even on a
     node where the CNI bridge and Docker's chains do not exist yet.
@@ -282,7 +296,13 @@ from ansible.module_utils.netloom.common import (
     unicast_host,
 )
 from ansible.module_utils.netloom.iptables import OwnedChain, canonical_rule, plan_chains, read_table
-from ansible.module_utils.netloom.persist import persist_root, plan_forget, plan_record, recorded_args
+from ansible.module_utils.netloom.persist import (
+    RESTORE_OPTION,
+    persist_root,
+    plan_forget,
+    plan_record,
+    recorded_args,
+)
 from ansible.module_utils.netloom.sysctl import plan_persist_file_removal, plan_sysctls, read_persist_file
 
 MODULE_NAME = "dnat_rules"
@@ -642,7 +662,7 @@ class DnatRules:
         self.plan.extend(plan_chains(chains, "absent"))
         if legacy_file is not None:
             self.plan.extend(plan_persist_file_removal(legacy_file))
-        plan_forget(self.plan, MODULE_NAME, RESTORE_KEY, RESTORE_ORDER)
+        plan_forget(self.plan, self.module, MODULE_NAME, RESTORE_KEY, RESTORE_ORDER)
         finish(self.module, self.plan, guard=GUARD_RULE if still_on else None)
 
     def warn_foreign(self, still_on: list[str], ours: list[str]) -> None:
@@ -690,6 +710,7 @@ class DnatRules:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
+            **RESTORE_OPTION,  # the netloom-restore units, rendered by the action plugin
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
             "gateway_ip": {"type": "str", "default": SEED_DEFAULTS["gateway_ip"]},
             "s3_ip": {"type": "str", "default": SEED_DEFAULTS["s3_ip"]},

@@ -416,10 +416,11 @@ class HaproxyRelayManager:
 
             def install() -> None:
                 # haproxy -c checks the temp file beside the live one; a rejected config stops here.
-                check = (lambda temp: self.warn_all(haproxy.check_config(haproxy_bin, temp, config.backend_names))) \
-                    if haproxy_bin else None
-                write_file(self.module, self.path, text, keep_attrs=True, check=check,
-                           backup=self.backup_file)
+                def check(temp: str) -> None:
+                    self.warn_all(haproxy.check_config(haproxy_bin, temp, config.backend_names))
+
+                write_file(self.module, self.path, text, keep_attrs=True,
+                           check=check if haproxy_bin else None, backup=self.backup_file)
 
             plan.add(self.path, "create" if live is None else "update", live_text, text, install)
         if self.service is None:

@@ -91,6 +91,20 @@ options:
     type: str
     choices: [auto, never]
     default: auto
+  rendered:
+    description:
+      - Set by netloom's action plugin of this module, not by hand. The netloom-restore units
+        rendered on the controller from C(templates/systemd/netloom-restore-*.service.j2); they
+        are recorded with the other arguments, so the boot replay writes the same units.
+        Without the plugin the module fails naming this option.
+    type: dict
+    suboptions:
+      restore_early:
+        description: C(netloom-restore-early.service), with the node-side slots unfilled.
+        type: str
+      restore_late:
+        description: C(netloom-restore-late.service), with the node-side slots unfilled.
+        type: str
 notes:
   - Supports check mode and diff mode.
 """
@@ -172,6 +186,7 @@ from ansible.module_utils.netloom.overlay import (
     plan_vxlan,
     underlay_link,
 )
+from ansible.module_utils.netloom.persist import RESTORE_OPTION
 from ansible.module_utils.netloom.plan import AddressPlan
 from ansible.module_utils.netloom.sysctl import plan_sysctls
 
@@ -357,6 +372,7 @@ class OverlayRunner(OverlayManager):
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
+            **RESTORE_OPTION,  # the netloom-restore units, rendered by the action plugin
             **overlay_options("state", "plan"),
             "runner_id": {"type": "int"},
             "hub_underlay_ip": {"type": "str"},

@@ -69,6 +69,20 @@ options:
     description: The range that I(via_host) takes over.
     type: str
     default: 10.88.0.0/16
+  rendered:
+    description:
+      - Set by netloom's action plugin of this module, not by hand. The netloom-restore units
+        rendered on the controller from C(templates/systemd/netloom-restore-*.service.j2); they
+        are recorded with the other arguments, so the boot replay writes the same units.
+        Without the plugin the module fails naming this option.
+    type: dict
+    suboptions:
+      restore_early:
+        description: C(netloom-restore-early.service), with the node-side slots unfilled.
+        type: str
+      restore_late:
+        description: C(netloom-restore-late.service), with the node-side slots unfilled.
+        type: str
 notes:
   - Supports check mode and diff mode from the same change plan as the real run.
   - I(interface) must be a WireGuard interface (kernel C(wireguard) or a wireguard-go C(tun)
@@ -162,24 +176,22 @@ from ansible.module_utils.netloom.common import (
     ipv4_network,
     not_a_host_reason,
 )
-from ansible.module_utils.netloom.persist import plan_forget, plan_record, recorded_args
-from ansible.module_utils.netloom.wgroutes import NETLOOM_ROUTE_PROTO, Verdict, classify, forbidden_reason
-from ansible.module_utils.netloom.wireguard import (
-    IPRoute,
-    NetlinkError,
-    WgTool,
-    network_sort_key,
-    run_with_iproute,
+from ansible.module_utils.netloom.constants import (
+    MAIN_TABLE,
+    NETLOOM_ROUTE_PROTO,
+    RTPROT_KERNEL,
+    SCOPE_LINK,
+    SCOPE_UNIVERSE,
 )
+from ansible.module_utils.netloom.netlink import Link, Netlink, Snapshot, run_with_netlink
+from ansible.module_utils.netloom.netlink import Route as KernelRoute
+from ansible.module_utils.netloom.persist import RESTORE_OPTION, plan_forget, plan_record, recorded_args
+from ansible.module_utils.netloom.wgroutes import Verdict, classify, forbidden_reason
+from ansible.module_utils.netloom.wireguard import WgTool, network_sort_key
 
 MODULE_NAME = "wireguard_routes"
 # Replayed in the late phase of netloom-restore, after wg-quick has brought the interface back.
 RESTORE_ORDER = 40
-MAIN_TABLE = 254
-RTPROT_KERNEL = 2
-SCOPE_LINK = 253
-SCOPE_NOWHERE = 255
-IFF_UP = 0x1
 
 ARGUMENT_SPEC: dict[str, Any] = {
     "interface": {"type": "str", "default": "wg0"},
@@ -188,6 +200,7 @@ ARGUMENT_SPEC: dict[str, Any] = {
     "extra_routes": {"type": "list", "elements": "str", "default": []},
     "via_host": {"type": "str"},
     "via_host_cidr": {"type": "str", "default": "10.88.0.0/16"},
+    **RESTORE_OPTION,  # the netloom-restore units, rendered by the action plugin
 }
 
 
@@ -235,9 +248,9 @@ def resolve_ipv4(field_name: str, host: str) -> str:
 class WireguardRoutes:
     """Plans and applies the routes for one interface from its live AllowedIPs."""
 
-    def __init__(self, module: AnsibleModule, ipr: IPRoute) -> None:
+    def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
         self.module = module
-        self.ipr = ipr
+        self.nl = nl
         params = module.params
         self.name = ifname("interface", params["interface"])
         self.state = params["state"]
@@ -280,26 +293,16 @@ class WireguardRoutes:
 
     # ---- live state ----
 
-    def read_routes(self) -> dict[ipaddress.IPv4Network, Route]:
+    @staticmethod
+    def read_routes(snapshot: Snapshot) -> dict[ipaddress.IPv4Network, Route]:
         """Main-table IPv4 routes with metric 0, the slot `ip route replace CIDR dev IF` writes."""
-        routes: dict[ipaddress.IPv4Network, Route] = {}
-        for msg in self.ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-            table = msg.get_attr("RTA_TABLE") or msg["table"]
-            if table != MAIN_TABLE or (msg.get_attr("RTA_PRIORITY") or 0) != 0:
-                continue
-            network = ipaddress.IPv4Network(f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}")
-            routes[network] = Route(network, msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY"),
-                                    msg["proto"])
-        return routes
+        return {route.dst: Route(route.dst, route.oif, str(route.gateway) if route.gateway else None,
+                                 route.proto) for route in snapshot.routes if route.priority == 0}
 
-    def connected(self, index: int) -> set[ipaddress.IPv4Network]:
+    def connected(self, snapshot: Snapshot) -> set[ipaddress.IPv4Network]:
         """Prefixes of the interface's own IPv4 addresses: the kernel routes them (proto kernel, src)."""
-        prefixes = set()
-        for msg in self.ipr.get_addr(family=socket.AF_INET, index=index):
-            network = ipaddress.IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}").network
-            if network.prefixlen < 32:
-                prefixes.add(network)
-        return prefixes
+        return {interface.network for interface in snapshot.addresses_of(self.name)
+                if interface.network.prefixlen < 32}
 
     def owned(self, route: Route, index: int | None) -> bool:
         """Ours: netloom's protocol in the main table, and through this interface (or a claimed via range)."""
@@ -309,14 +312,12 @@ class WireguardRoutes:
             return True
         return route.gateway is not None and any(route.network.subnet_of(cidr) for cidr in self.via_ranges)
 
-    def require_wireguard(self, link: Any) -> None:
+    def require_wireguard(self, link: Link) -> None:
         """A clear failure naming `interface` when it is not a WireGuard interface `wg` can read."""
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info else None
-        if kind not in ("wireguard", "tun"):
+        if link.kind not in ("wireguard", "tun"):
             raise InputError("interface", self.name,
-                             f"is a {kind or 'plain'} link, not a WireGuard interface")
-        if kind == "tun":
+                             f"is a {link.kind or 'plain'} link, not a WireGuard interface")
+        if link.kind == "tun":
             try:
                 self.wg.allowed_ips(self.name)
             except CommandError:
@@ -360,29 +361,18 @@ class WireguardRoutes:
         return live.gateway is None and live.oif == wanted.oif
 
     def _replace(self, route: Route) -> None:
-        args: dict[str, Any] = {"dst": str(route.network.network_address), "dst_len": route.network.prefixlen,
-                                "table": MAIN_TABLE, "proto": route.proto}
+        """`ip route replace CIDR (via GW | dev IF scope link) proto 250` in the main table."""
         if route.gateway:
-            args["gateway"] = route.gateway
+            self.nl.replace_route(route.network, ipaddress.IPv4Address(route.gateway), proto=route.proto,
+                                  table=MAIN_TABLE, scope=SCOPE_UNIVERSE)
         else:
-            args.update(oif=route.oif, scope=SCOPE_LINK)
-        try:
-            self.ipr.route("replace", **args)
-        except NetlinkError as err:
-            raise CommandError(f"ip route replace {route.network} failed: {err}") from None
+            self.nl.replace_route(route.network, device=self.name, proto=route.proto, table=MAIN_TABLE,
+                                  scope=SCOPE_LINK)
 
     def _delete(self, route: Route) -> None:
-        """Matches on table, protocol and device; scope NOWHERE means any scope (as `ip route del`)."""
-        args: dict[str, Any] = {"dst": str(route.network.network_address), "dst_len": route.network.prefixlen,
-                                "table": MAIN_TABLE, "proto": route.proto, "scope": SCOPE_NOWHERE}
-        if route.oif is not None:
-            args["oif"] = route.oif
-        if route.gateway is not None:
-            args["gateway"] = route.gateway
-        try:
-            self.ipr.route("del", **args)
-        except NetlinkError as err:
-            raise CommandError(f"ip route del {route.network} failed: {err}") from None
+        """Matches on table, protocol, device and gateway, in any scope (as `ip route del`)."""
+        self.nl.delete_route(KernelRoute(route.network, ipaddress.IPv4Address(route.gateway) if route.gateway
+                                         else None, route.oif, proto=route.proto, table=MAIN_TABLE))
 
     def _target(self, route: Route) -> dict[str, str]:
         return {"via": route.gateway} if route.gateway else {"dev": self.name}
@@ -410,12 +400,11 @@ class WireguardRoutes:
 
     def run(self) -> None:
         plan = ChangePlan()
-        links = list(self.ipr.get_links())
-        link = next((item for item in links if item.get_attr("IFLA_IFNAME") == self.name), None)
-        index = link["index"] if link is not None else None
-        names: dict[int | None, str] = {item["index"]: item.get_attr("IFLA_IFNAME") for item in links}
-        names[None] = self.name
-        live = self.read_routes()
+        snapshot = self.nl.dump(routes=True)
+        link = snapshot.link(self.name)
+        index = link.index if link is not None else None
+        names: dict[int | None, str] = {**snapshot.names(), None: self.name}
+        live = self.read_routes(snapshot)
         result: dict[str, Any] = {"interface": self.name, "via": self.via}
         wanted: dict[ipaddress.IPv4Network, Route] = {}
         skipped: dict[ipaddress.IPv4Network, str] = {}
@@ -428,10 +417,10 @@ class WireguardRoutes:
         elif self.state == "present":
             assert index is not None
             self.require_wireguard(link)
-            if not link["flags"] & IFF_UP:
+            if not link.up:
                 raise CommandError(f"interface {self.name} is down; routes through it cannot be installed")
             verdicts, wanted = self.filter_allowed_ips(index)
-            connected = self.connected(index)
+            connected = self.connected(snapshot)
             for network in list(wanted):
                 reason = self.skip_reason(network, live.get(network), index, connected, names)
                 if reason:
@@ -466,13 +455,13 @@ class WireguardRoutes:
             plan_record(plan, self.module, MODULE_NAME, self.name, RESTORE_ORDER, ["late"],
                         after=[f"wg-quick@{self.name}.service"])
         else:
-            plan_forget(plan, MODULE_NAME, self.name, RESTORE_ORDER)
+            plan_forget(plan, self.module, MODULE_NAME, self.name, RESTORE_ORDER)
         finish(self.module, plan, installed=installed, removed=removed, **result)
 
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    run_with_iproute(module, WireguardRoutes)
+    run_with_netlink(module, WireguardRoutes)
 
 
 if __name__ == "__main__":

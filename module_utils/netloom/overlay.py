@@ -10,7 +10,6 @@ import ipaddress
 import os
 import platform
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -37,13 +36,6 @@ def overlay_options(*names: str) -> dict[str, dict[str, Any]]:
     first bad one, so each module keeps its own order.
     """
     return {name: OVERLAY_OPTIONS[name] for name in names}
-
-
-@dataclass(frozen=True)
-class RecordedRun:
-    """The part of a module run that plan_record keeps: the arguments the boot replay uses."""
-
-    params: dict[str, Any]
 
 
 class OverlayManager(ABC):
@@ -92,12 +84,12 @@ class OverlayManager(ABC):
         snapshot = self.nl.dump(routes=self.dump_routes)
         if self.params["state"] == "absent":
             self.plan_absent(snapshot)
-            plan_forget(self.plan, self.module_name, "main", self.restore_order)
+            plan_forget(self.plan, self.module, self.module_name, "main", self.restore_order)
             finish(self.module, self.plan, **self.always_returned())
             return
         result = self.plan_present(snapshot)
-        plan_record(self.plan, RecordedRun(self.restore_params()), self.module_name, "main",
-                    self.restore_order, ["early"])
+        plan_record(self.plan, self.module, self.module_name, "main", self.restore_order, ["early"],
+                    params=self.restore_params())
         finish(self.module, self.plan, **self.always_returned(), **result)
 
 

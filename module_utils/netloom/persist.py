@@ -7,6 +7,12 @@ plan (so check mode, diff and `changed` show it), the steps that keep on the nod
 - the exact code that ran: the module's Ansible payload, normalised to a reproducible zip;
 - the boot runner (restore.py) and two systemd units, `netloom-restore-early.service` (before
   Docker) and `netloom-restore-late.service` (after Docker and the named services), enabled.
+  Their text comes from templates/systemd/netloom-restore-*.service.j2, rendered on the
+  controller by the module's action plugin and passed in the option `rendered`
+  (restore_early, restore_late); the module records it with its other arguments, so the boot
+  replay (no controller) passes the same text again. What only the node knows is filled in
+  here: PYTHON_SLOT (the interpreter running the module) and AFTER_SLOT (every unit any
+  recorded entry waits for).
 At boot the runner replays each entry through that code (see restore.py), so the boot path
 is the module itself and cannot drift from it. `plan_forget` removes an entry (state=absent)
 and, with the last entry, the runner, the units and the payloads.
@@ -37,40 +43,11 @@ WANTS_DIR = "multi-user.target.wants"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
-EARLY_UNIT_TEXT = """\
-# Managed by netloom (persist.py): replays the last converged state at boot.
-[Unit]
-Description=netloom: restore the converged network state before Docker starts
-# The underlay addresses are configured (network-online), containers are not running yet.
-Wants=network-online.target
-After=network-online.target
-Before=docker.service containerd.service
-ConditionDirectoryNotEmpty=/{entries}
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart={python} /{runner} early
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-LATE_UNIT_TEXT = """\
-# Managed by netloom (persist.py): replays what needs interfaces made by Docker or wg-quick.
-[Unit]
-Description=netloom: restore the state that needs Docker's and WireGuard's interfaces
-After={after}
-ConditionDirectoryNotEmpty=/{entries}
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart={python} /{runner} late
-
-[Install]
-WantedBy=multi-user.target
-"""
+# The unit texts' node-side slots (see the templates) and where the texts arrive.
+PYTHON_SLOT = "@NETLOOM_PYTHON@"
+AFTER_SLOT = "@NETLOOM_AFTER@"
+RENDERED_OPTION = "rendered"
+UNIT_TEMPLATE_KEYS = {EARLY_UNIT: "restore_early", LATE_UNIT: "restore_late"}
 
 
 def persist_root() -> str:
@@ -181,18 +158,28 @@ def _other_entries(skip: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _unit_texts(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+def unit_templates(params: Mapping[str, Any]) -> dict[str, str]:
+    """The two unit texts the action plugin rendered (unit name -> text with the node slots)."""
+    rendered = params.get(RENDERED_OPTION) or {}
+    texts = {unit: rendered.get(key) for unit, key in UNIT_TEMPLATE_KEYS.items()}
+    missing = [key for unit, key in UNIT_TEMPLATE_KEYS.items() if not texts[unit]]
+    if missing:
+        raise InputError(f"{RENDERED_OPTION}.{missing[0]}", None,
+                         "the netloom-restore unit is rendered on the controller by netloom's action "
+                         "plugin of this module: add netloom's action_plugins directory to ansible.cfg")
+    return {unit: str(text) for unit, text in texts.items()}
+
+
+def _unit_texts(entries: Mapping[str, Mapping[str, Any]], templates: Mapping[str, str]) -> dict[str, str]:
     """Both units for the given entries; the late unit waits for every service an entry names."""
     after = {"netloom-restore-early.service", "docker.service", "network-online.target"}
     for entry in entries.values():
         after.update(entry.get("netloom_restore", {}).get("after", []))
-    fields = {"python": sys.executable, "runner": RUNNER,
-              "entries": os.path.join(restore.STATE_DIR, "entries")}
-    return {EARLY_UNIT: EARLY_UNIT_TEXT.format(**fields),
-            LATE_UNIT: LATE_UNIT_TEXT.format(after=" ".join(sorted(after)), **fields)}
+    return {unit: text.replace(PYTHON_SLOT, sys.executable).replace(AFTER_SLOT, " ".join(sorted(after)))
+            for unit, text in templates.items()}
 
 
-def _plan_file(plan: ChangePlan, key: str, path: str, wanted: bytes | None, mode: int = 0o644,
+def _plan_file(plan: ChangePlan, module: Any, key: str, path: str, wanted: bytes | None, mode: int = 0o644,
                shown: str = "text") -> None:
     """One owned file to its wanted bytes (None: absent); diff shows text or a digest."""
     live = read_bytes(path)
@@ -205,7 +192,7 @@ def _plan_file(plan: ChangePlan, key: str, path: str, wanted: bytes | None, mode
         return data.decode("utf-8", "replace") if shown == "text" else _digest(data)
 
     action = "create" if live is None else ("delete" if wanted is None else "update")
-    run = (lambda: remove_file(path)) if wanted is None else (lambda: write_file(path, wanted, mode))
+    run = (lambda: remove_file(path)) if wanted is None else (lambda: write_file(module, path, wanted, mode))
     plan.add(key, action, view(live), view(wanted), run)
 
 
@@ -228,19 +215,21 @@ def _plan_symlink(plan: ChangePlan, link: str, target: str | None) -> None:
              "delete" if target is None else "create", live, target, apply)
 
 
-def _plan_units(plan: ChangePlan, entries: Mapping[str, Mapping[str, Any]]) -> None:
+def _plan_units(plan: ChangePlan, module: Any, entries: Mapping[str, Mapping[str, Any]]) -> None:
     """Runner and units for the entries that will exist; all removed when none is left."""
     steps_before = len(plan.steps)
+    texts: Mapping[str, str | None]
     if entries:
         runner_source = inspect.getsource(restore).encode()
-        _plan_file(plan, "restore runner", _path(RUNNER), b"#!/usr/bin/python3\n" + runner_source, 0o755)
-        texts = _unit_texts(entries)
+        _plan_file(plan, module, "restore runner", _path(RUNNER), b"#!/usr/bin/python3\n" + runner_source,
+                   0o755)
+        texts = _unit_texts(entries, unit_templates(module.params))
     else:
-        _plan_file(plan, "restore runner", _path(RUNNER), None)
+        _plan_file(plan, module, "restore runner", _path(RUNNER), None)
         texts = {EARLY_UNIT: None, LATE_UNIT: None}
     for unit, text in texts.items():
         unit_path = _path(UNIT_DIR, unit)
-        _plan_file(plan, f"restore unit {unit}", unit_path, None if text is None else text.encode())
+        _plan_file(plan, module, f"restore unit {unit}", unit_path, None if text is None else text.encode())
         _plan_symlink(plan, _path(UNIT_DIR, WANTS_DIR, unit), None if text is None else f"/{UNIT_DIR}/{unit}")
     if len(plan.steps) > steps_before and persist_root() == "/" and booted():
         plan.add("systemd daemon-reload", "update", None, None, daemon_reload)
@@ -248,19 +237,22 @@ def _plan_units(plan: ChangePlan, entries: Mapping[str, Mapping[str, Any]]) -> N
 
 def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order: int,
                 phases: Iterable[str], after: Iterable[str] = (),
-                secret_options: Iterable[str] = ()) -> None:
+                secret_options: Iterable[str] = (), params: Mapping[str, Any] | None = None) -> None:
     """Keep this run's arguments and code for netloom-restore (state=present).
 
     `order` sorts entries within a phase; `phases` are early and/or late; `after` names units
-    the late phase must wait for (e.g. wg-quick@wg0.service). Options in `secret_options`
-    are never written.
+    the late phase must wait for (e.g. wg-quick@wg0.service). `params` are the arguments to
+    replay (default: the module's own; they keep `rendered`, the unit texts). Options in
+    `secret_options` are never written.
     """
+    params = module.params if params is None else params
+    unit_templates(module.params)  # refused before anything is planned when the plugin did not run
     name = entry_name(module_name, key, order)
     phases = sorted(set(phases))
     if not phases or not set(phases) <= set(restore.PHASES):
         raise InputError("restore phases", phases, f"one or more of {', '.join(restore.PHASES)}")
     skip = set(secret_options) | {"_ansible_check_mode", "_ansible_diff"}
-    args = {option: value for option, value in sorted(module.params.items())
+    args = {option: value for option, value in sorted(params.items())
             if value is not None and option not in skip}
     files, import_name = _payload_files(module_name)
     entry = {"ANSIBLE_MODULE_ARGS": args,
@@ -269,7 +261,8 @@ def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order
     entry_bytes = (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode()
     payload_path = _path(restore.STATE_DIR, "payloads", f"{module_name}.zip")
     if not _zip_holds(payload_path, files):
-        _plan_file(plan, f"restore payload {module_name}", payload_path, _zip_bytes(files), shown="digest")
+        _plan_file(plan, module, f"restore payload {module_name}", payload_path, _zip_bytes(files),
+                   shown="digest")
     entry_path = os.path.join(_entries_dir(), name)
     live = read_bytes(entry_path)
     if live != entry_bytes:
@@ -280,8 +273,8 @@ def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order
             except ValueError:
                 before = live.decode("utf-8", "replace")
         plan.add(f"restore entry {name}", "create" if live is None else "update", before, args,
-                 lambda: write_file(entry_path, entry_bytes, 0o600))
-    _plan_units(plan, {**_other_entries(name), name: entry})
+                 lambda: write_file(module, entry_path, entry_bytes, 0o600))
+    _plan_units(plan, module, {**_other_entries(name), name: entry})
 
 
 def recorded_args(module_name: str, key: str, order: int) -> dict[str, Any] | None:
@@ -298,8 +291,11 @@ def recorded_args(module_name: str, key: str, order: int) -> dict[str, Any] | No
     return args if isinstance(args, dict) else None
 
 
-def plan_forget(plan: ChangePlan, module_name: str, key: str, order: int) -> None:
-    """Remove this module's entry (state=absent), and with the last entry everything else."""
+def plan_forget(plan: ChangePlan, module: Any, module_name: str, key: str, order: int) -> None:
+    """Remove this module's entry (state=absent), and with the last entry everything else.
+
+    The other entries' units are written again from this run's `rendered` unit texts.
+    """
     name = entry_name(module_name, key, order)
     entry_path = os.path.join(_entries_dir(), name)
     live = read_bytes(entry_path)
@@ -308,6 +304,13 @@ def plan_forget(plan: ChangePlan, module_name: str, key: str, order: int) -> Non
                  lambda: remove_file(entry_path))
     others = _other_entries(name)
     if not any(entry.get("netloom_restore", {}).get("module") == module_name for entry in others.values()):
-        _plan_file(plan, f"restore payload {module_name}",
+        _plan_file(plan, module, f"restore payload {module_name}",
                    _path(restore.STATE_DIR, "payloads", f"{module_name}.zip"), None, shown="digest")
-    _plan_units(plan, others)
+    _plan_units(plan, module, others)
+
+
+# The option every recording module has: the unit texts its action plugin rendered.
+RESTORE_OPTION: dict[str, dict[str, Any]] = {
+    RENDERED_OPTION: {"type": "dict", "options": {"restore_early": {"type": "str"},
+                                                   "restore_late": {"type": "str"}}},
+}

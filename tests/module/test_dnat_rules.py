@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.support.foreign_rules import DOCKER_NAT_RULES, add_foreign_rules
-from tests.support.netns import RUNNER, Netns, node_python, persist_root, run_module
+from tests.support.netns import RUNNER, Netns, controller_args, node_python, persist_root, run_module
 
 pytestmark = [pytest.mark.netns]
 
@@ -128,7 +128,8 @@ class Lab:
         refusal would: a failure injected between steps without faking any component.
         """
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-            json.dump({"ANSIBLE_MODULE_ARGS": {**self.args(**extra), "_ansible_check_mode": False,
+            json.dump({"ANSIBLE_MODULE_ARGS": {**controller_args("dnat_rules", self.args(**extra)),
+                                               "_ansible_check_mode": False,
                                                "_ansible_diff": True}}, handle)
             args_file = handle.name
         mounts = " && ".join(f"mount --bind {p} {p} && mount -o remount,ro,bind {p}" for p in paths)

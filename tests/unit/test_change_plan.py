@@ -12,6 +12,8 @@ from ansible.module_utils import basic
 from ansible.module_utils.netloom import persist, restore
 from ansible.module_utils.netloom.common import ChangePlan, InputError, PlanFailure, finish
 
+from action_plugins._netloom_action import restore_units
+
 
 def failing_step() -> None:
     raise OSError("disk full")
@@ -88,7 +90,8 @@ def test_payload_zip_depends_only_on_names_and_contents() -> None:
 def test_the_late_unit_waits_for_every_service_an_entry_names() -> None:
     entries = {"40-wireguard_routes@wg0.json": {"netloom_restore": {"after": ["wg-quick@wg0.service"]}},
                "40-wireguard_routes@wg1.json": {"netloom_restore": {"after": ["wg-quick@wg1.service"]}}}
-    texts = persist._unit_texts(entries)
+    rendered = {"rendered": restore_units()}  # as the module's action plugin renders them
+    texts = persist._unit_texts(entries, persist.unit_templates(rendered))
     after = next(line for line in texts[persist.LATE_UNIT].splitlines() if line.startswith("After="))
     assert after.split("=", 1)[1].split() == sorted(
         ["docker.service", "netloom-restore-early.service", "network-online.target",

@@ -8,7 +8,6 @@ import copy
 from typing import Any
 
 import pytest
-from action_plugins._netloom_action import render_file, template_path
 from ansible.module_utils.netloom import haproxy
 from ansible.module_utils.netloom.common import InputError
 from ansible.module_utils.netloom.haproxy import (
@@ -19,6 +18,8 @@ from ansible.module_utils.netloom.haproxy import (
     parse_config,
     service_actions,
 )
+
+from action_plugins._netloom_action import render_file, template_path
 
 
 def render(config: RelayConfig) -> str:
@@ -291,5 +292,6 @@ def test_without_a_dns_server_names_resolve_through_libc_only() -> None:
     text = render(config)
     assert "resolvers" not in text
     assert listen_section(text, "s3")[1] == (
-        "    server s3 s3-storage:9000 check inter 2s fall 3 rise 2 resolve-prefer ipv4 init-addr last,libc,none")
+        "    server s3 s3-storage:9000 check inter 2s fall 3 rise 2 resolve-prefer ipv4 "
+        "init-addr last,libc,none")
     assert config.backend_names == ["s3-storage", "database", "victorialogs"]
