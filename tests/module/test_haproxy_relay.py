@@ -8,6 +8,7 @@ front of a Python HTTP server on loopback, and fetch through it.
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import pathlib
 import shutil
@@ -15,6 +16,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -23,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import Netns, run_module
+from tests.support.netns import ROOT, Netns, run_module
 
 HAPROXY = shutil.which("haproxy")
 pytestmark = [
@@ -463,3 +465,100 @@ def test_transparent_bind_before_the_address_exists(tmp_path: pathlib.Path) -> N
         finally:
             web.terminate()
             web.wait(timeout=10)
+
+
+# ---- through Ansible: the action plugin renders on the controller, the node only writes ----
+
+CUSTOM_TEMPLATE = """\
+{{ marker }}; operator's own template
+global
+    maxconn {{ config.maxconn }}
+
+defaults
+    mode tcp
+{% for name, value in config.timeouts.items() %}
+    timeout {{ name }} {{ value }}
+{% endfor %}
+{% for relay in config.relays %}
+
+listen {{ relay.name }}  # rendered on the controller
+    bind {{ relay.bind }}
+    server {{ relay.name }} {{ relay.backend_host }}:{{ relay.backend_port }}
+{% endfor %}
+"""
+CUSTOM_RENDERED = """\
+# Managed by netloom haproxy_relay; operator's own template
+global
+    maxconn 512
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+listen relay  # rendered on the controller
+    bind 127.0.0.1:{port}
+    server relay 192.0.2.80:8080
+"""
+
+
+@pytest.fixture(scope="module")
+def node_python_without_jinja2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A managed node's interpreter with the standard library only: jinja2 cannot be imported."""
+    venv = tmp_path_factory.mktemp("node") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import jinja2"], capture_output=True, text=True, check=False)
+    assert probe.returncode != 0 and "No module named 'jinja2'" in probe.stderr
+    return python
+
+
+def ansible_adhoc(workdir: pathlib.Path, python: str, module_args: dict[str, Any],
+                  check: bool = False) -> dict[str, Any]:
+    """`ansible localhost -m haproxy_relay -a JSON` with the repository's ansible.cfg, run from `workdir`."""
+    inventory = workdir / "hosts.ini"
+    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={python}\n")
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+           "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", "ANSIBLE_LOCAL_TEMP": str(workdir / "local-tmp"),
+           "ANSIBLE_REMOTE_TEMP": str(workdir / "remote-tmp")}
+    argv = [str(pathlib.Path(sys.executable).parent / "ansible"), "localhost", "-i", str(inventory),
+            "-m", "haproxy_relay", "-a", json.dumps(module_args), *(["--check"] if check else [])]
+    proc = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, check=False)
+    _, arrow, result = proc.stdout.partition(" => ")  # "localhost | CHANGED => {...}"
+    try:
+        return json.loads(result) if arrow else {}
+    except json.JSONDecodeError:
+        raise AssertionError(f"ansible printed no result: {proc.stdout}{proc.stderr}") from None
+
+
+def test_adhoc_run_renders_the_operators_template_on_the_controller(
+        tmp_path: pathlib.Path, node_python_without_jinja2: str) -> None:
+    """The node's Python cannot import jinja2, yet the config is the custom template's output:
+    the action plugin rendered it on the controller (found relative to the run, as
+    ansible.builtin.template finds `src`: in templates/) and the module only validated and wrote it."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "relay.cfg.j2").write_text(CUSTOM_TEMPLATE)
+    live = tmp_path / "etc" / "haproxy.cfg"
+    live.parent.mkdir()
+    port = free_port()
+    args = args_for(live, [{"name": "relay", "bind": f"127.0.0.1:{port}", "backend_host": "192.0.2.80",
+                            "backend_port": 8080}], maxconn=512, template="relay.cfg.j2")
+
+    preview = ansible_adhoc(tmp_path, node_python_without_jinja2, args, check=True)
+    assert preview["changed"] and not live.exists(), preview
+    first = ansible_adhoc(tmp_path, node_python_without_jinja2, args)
+    assert first["changed"] and first["validated"] and first["changes"] == [f"create {live}"], first
+    assert live.read_text() == CUSTOM_RENDERED.format(port=port)
+    assert ansible_adhoc(tmp_path, node_python_without_jinja2, args)["changed"] is False
+
+    # The module's own validation still runs on the node before the rendered text is used.
+    bad = ansible_adhoc(tmp_path, node_python_without_jinja2, {**args, "maxconn": 0})
+    assert bad["field"] == "maxconn" and live.read_text() == CUSTOM_RENDERED.format(port=port)
+
+
+def test_without_the_action_plugin_the_module_names_the_missing_option(tmp_path: pathlib.Path) -> None:
+    live = tmp_path / "haproxy.cfg"
+    result = run_module("haproxy_relay", args_for(live, SEED), controller=False)
+    assert result["failed"] and "rendered.config" in result["msg"] and "action_plugins" in result["msg"]
+    assert not live.exists()
