@@ -66,7 +66,7 @@ def netloom_edge_cni_subnet(value: str | None, base: str, index: Any = None) -> 
 
 def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: str,
                               name: str) -> dict[str, Any]:
-    """The CNI conflist for containerd users: bridge plugin on the shared base, host-local range = CNI_SUBNET.
+    """The values of the CNI conflist (templates/cni/esb-workers.conflist.j2): host-local range = CNI_SUBNET.
 
     The range keeps the base's mask and gateway (10.88.0.1 on every node), so a worker sees
     the same network as a Docker worker on the same bridge, yet only gets addresses of its node.
@@ -78,25 +78,8 @@ def netloom_edge_cni_conflist(cni_subnet: str, base: str, gateway: str, bridge: 
         raise ValueError(f"netloom_edge_gateway_ip: {gateway!r}: outside the worker base {base_net}")
     # The block's own network and broadcast addresses are left out (Docker: netloom_edge_cni_reserved).
     first, last = subnet.network_address + 1, subnet.broadcast_address - 1
-    return {
-        "cniVersion": "1.0.0",
-        "name": name,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": bridge,
-                "isGateway": True,
-                "ipMasq": True,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": str(base_net), "rangeStart": str(first), "rangeEnd": str(last),
-                                 "gateway": str(gateway_ip)}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                },
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }
+    return {"name": name, "bridge": bridge, "subnet": str(base_net), "range_start": str(first),
+            "range_end": str(last), "gateway": str(gateway_ip)}
 
 
 def netloom_edge_cni_reserved(cni_subnet: str, base: str, gateway: str) -> dict[str, str]:

@@ -1,11 +1,13 @@
 """The Edge Serverless Box inventory filters: CNI_SUBNET, conflist, WireGuard addresses and peers, relays."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from action_plugins._netloom_action import render_file, template_path
 from filter_plugins.netloom import (
     FilterModule,
-    netloom_edge_cni_conflist,
     netloom_edge_cni_reserved,
     netloom_edge_cni_subnet,
     netloom_edge_control_address,
@@ -13,8 +15,14 @@ from filter_plugins.netloom import (
     netloom_edge_relays,
     netloom_edge_wg_address,
 )
+from filter_plugins.netloom import netloom_edge_cni_conflist as cni_values
 
 BASE = "10.88.0.0/16"
+
+
+def netloom_edge_cni_conflist(*args: str) -> dict:
+    """The conflist as edge_compute writes it: the filter's values through templates/cni."""
+    return json.loads(render_file(template_path("cni/esb-workers.conflist.j2"), {"cni": cni_values(*args)}))
 
 
 @pytest.mark.parametrize("value,index,expected", [
