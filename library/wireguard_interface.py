@@ -193,6 +193,7 @@ changes:
   sample: ["create wg0 interface", "create wg0 peer Lz4...=", "update wg0 addresses"]
 """
 
+import errno
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -209,12 +210,11 @@ from ansible.module_utils.netloom.common import (
     int_range,
     port,
 )
+from ansible.module_utils.netloom.netlink import Netlink, RequestError, run_with_netlink
 from ansible.module_utils.netloom.wireguard import (
     ENDPOINT_POLICIES,
     DeviceState,
     InterfaceSpec,
-    IPRoute,
-    NetlinkError,
     PeerSpec,
     WgQuickUnit,
     WgTool,
@@ -229,7 +229,6 @@ from ansible.module_utils.netloom.wireguard import (
     remove_file,
     render_config,
     resolve_endpoint,
-    run_with_iproute,
     sorted_networks,
     start_userspace,
     stop_userspace,
@@ -239,8 +238,6 @@ from ansible.module_utils.netloom.wireguard import (
     write_private_file,
 )
 
-EOPNOTSUPP = 95
-IFF_UP = 0x1
 KIND_IMPLEMENTATION = {"wireguard": "kernel", "tun": "wireguard-go"}
 
 ARGUMENT_SPEC: dict[str, Any] = {
@@ -360,9 +357,9 @@ def validate_peers(raw_peers: list[dict[str, Any]]) -> tuple[PeerSpec, ...]:
 class WireguardInterface:
     """Plans and applies one interface: key, link, wg settings, peers, addresses, config, unit."""
 
-    def __init__(self, module: AnsibleModule, ipr: IPRoute) -> None:
+    def __init__(self, module: AnsibleModule, nl: Netlink) -> None:
         self.module = module
-        self.ipr = ipr
+        self.nl = nl
         params = module.params
         self.name = ifname("name", params["name"])
         self.state = params["state"]
@@ -393,32 +390,16 @@ class WireguardInterface:
 
     # ---- live state ----
 
-    def _index(self) -> int | None:
-        found = self.ipr.link_lookup(ifname=self.name)
-        return found[0] if found else None
-
-    def _require_index(self) -> int:
-        index = self._index()
-        if index is None:
-            raise CommandError(f"interface {self.name} disappeared while being configured")
-        return index
-
     def read_link(self) -> LinkState | None:
-        index = self._index()
-        if index is None:
+        link = self.nl.link(self.name)
+        if link is None:
             return None
-        link = next(iter(self.ipr.get_links(index)))
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info else None
-        if kind not in KIND_IMPLEMENTATION:
-            raise CommandError(f"{self.name} exists as a {kind or 'plain'} link, not a WireGuard interface")
-        addresses = []
-        for msg in self.ipr.get_addr(index=index):
-            address = ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
-            if not (address.version == 6 and address.ip.is_link_local):
-                addresses.append(str(address))
-        return LinkState(index, KIND_IMPLEMENTATION[kind], link.get_attr("IFLA_MTU"),
-                         bool(link["flags"] & IFF_UP), tuple(addresses))
+        if link.kind not in KIND_IMPLEMENTATION:
+            raise CommandError(f"{self.name} exists as a {link.kind or 'plain'} link, "
+                               "not a WireGuard interface")
+        addresses = [str(address) for address in self.nl.addresses(self.name)
+                     if not (address.version == 6 and address.ip.is_link_local)]
+        return LinkState(link.index, KIND_IMPLEMENTATION[link.kind], link.mtu, link.up, tuple(addresses))
 
     def read_device(self, link: LinkState) -> DeviceState:
         try:
@@ -439,12 +420,12 @@ class WireguardInterface:
             return command_succeeds(["modprobe", "-n", "-q", "wireguard"])
         probe = f"nlwgprobe{os.getpid() % 100000}"
         try:
-            self.ipr.link("add", ifname=probe, kind="wireguard")
-        except NetlinkError as err:
-            if err.code == EOPNOTSUPP:
+            self.nl.add_link(probe, "wireguard", up=False)
+        except RequestError as err:
+            if err.code == errno.EOPNOTSUPP:
                 return False
             raise CommandError(f"probing kernel WireGuard failed: {err}") from None
-        self.ipr.link("del", index=self.ipr.link_lookup(ifname=probe)[0])
+        self.nl.delete_link(probe)
         return True
 
     # ---- key ----
@@ -492,11 +473,11 @@ class WireguardInterface:
         self._plan_peers(plan, device.peers if device else {})
         if spec.mtu is not None and (link is None or link.mtu != spec.mtu):
             plan.add(f"{self.name} mtu", "update", link.mtu if link else None, spec.mtu,
-                     lambda: self.ipr.link("set", index=self._require_index(), mtu=spec.mtu))
+                     lambda: self.nl.set_link(self.name, mtu=spec.mtu))
         self._plan_addresses(plan, link.addresses if link else ())
         if link is None or not link.up:
             plan.add(f"{self.name} link", "update", {"up": False}, {"up": True},
-                     lambda: self.ipr.link("set", index=self._require_index(), state="up"))
+                     lambda: self.nl.set_link(self.name, up=True))
         self._plan_config(plan, render_config(spec, key.private))
 
     def _plan_key_file(self, plan: ChangePlan, key: KeyChoice) -> None:
@@ -544,15 +525,10 @@ class WireguardInterface:
         missing = [address for address in spec.addresses if address not in live]
 
         def apply() -> None:
-            index = self._require_index()
             for text in stale:
-                address = ipaddress.ip_interface(text)
-                self.ipr.addr("del", index=index, address=str(address.ip),
-                              prefixlen=address.network.prefixlen)
+                self.nl.delete_address(self.name, ipaddress.ip_interface(text))
             for text in missing:
-                address = ipaddress.ip_interface(text)
-                self.ipr.addr("add", index=index, address=str(address.ip),
-                              prefixlen=address.network.prefixlen)
+                self.nl.add_address(self.name, ipaddress.ip_interface(text))
 
         plan.add(f"{self.name} addresses", "update", sorted(live), list(spec.addresses), apply)
 
@@ -575,20 +551,19 @@ class WireguardInterface:
 
     def _create(self, implementation: str) -> None:
         if implementation == "kernel":
-            self.ipr.link("add", ifname=self.name, kind="wireguard")
+            self.nl.add_link(self.name, "wireguard", up=False)
         else:
             start_userspace(self.name)
 
     def _delete_link(self) -> None:
-        index = self._index()
-        if index is not None:
-            self.ipr.link("del", index=index)
+        if self.nl.link(self.name) is not None:
+            self.nl.delete_link(self.name)
 
     def _remove_interface(self, implementation: str) -> None:
         if implementation == "kernel":
             self._delete_link()
         else:
-            stop_userspace(self.name, lambda: self._index() is not None, self._delete_link)
+            stop_userspace(self.name, lambda: self.nl.link(self.name) is not None, self._delete_link)
 
     def plan_absent(self, plan: ChangePlan, link: LinkState | None) -> None:
         if self.manage_service:
@@ -640,7 +615,7 @@ class WireguardInterface:
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    run_with_iproute(module, WireguardInterface)
+    run_with_netlink(module, WireguardInterface)
 
 
 if __name__ == "__main__":

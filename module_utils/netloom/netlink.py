@@ -380,10 +380,10 @@ class Netlink:
 
     # ---- links ----
 
-    def add_link(self, name: str, kind: str, **attributes: Any) -> None:
-        """Create a link of `kind` already up (RequestError carries the kernel's errno)."""
-        self._call(f"add {kind} link {name}", "link", "add", ifname=name, kind=kind, state="up",
-                   **attributes)
+    def add_link(self, name: str, kind: str, up: bool = True, **attributes: Any) -> None:
+        """Create a link of `kind`, up unless asked otherwise (RequestError carries the kernel's errno)."""
+        state = {"state": "up"} if up else {}
+        self._call(f"add {kind} link {name}", "link", "add", ifname=name, kind=kind, **state, **attributes)
 
     def add_vxlan(self, name: str, vxlan: Vxlan, mtu: int, master: str | None = None) -> None:
         """Create a VXLAN link already up, with its MTU and (optionally) its bridge, in one request."""

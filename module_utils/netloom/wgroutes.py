@@ -10,10 +10,6 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# Routes the wireguard_routes module installs carry this routing protocol number
-# (`ip route ... proto 250`), so it can find its own routes again and leave others alone.
-NETLOOM_ROUTE_PROTO = 250
-
 RFC1918 = tuple(ipaddress.IPv4Network(net) for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 # Never routable into a tunnel, whatever an allow list says. Checked before anything else.

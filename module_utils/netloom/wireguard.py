@@ -4,8 +4,8 @@ Live WireGuard state is read and changed only through the `wg` tool, because it 
 interface that speaks to kernel devices (generic netlink) and wireguard-go devices (the UAPI
 socket under /var/run/wireguard) alike. Secrets (private and preshared keys) are passed to
 `wg` on stdin, never on a command line, and never leave this module in a result or diff.
-Links, addresses and routes both modules read and change through one pyroute2 IPRoute
-socket per run (`run_with_iproute`).
+Links, addresses and routes both modules read and change through the kernel seam
+(netlink.py), which is also their entry (`run_with_netlink`).
 """
 from __future__ import annotations
 
@@ -22,28 +22,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.netloom.common import (
     ChangePlan,
     CommandError,
     InputError,
-    guarded,
     not_a_host_reason,
     port,
     run_command,
 )
-
-try:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-    PYROUTE2_ERROR: ImportError | None = None
-except ImportError as import_error:  # pragma: no cover - depends on the node
-    PYROUTE2_ERROR = import_error
-    # Still bound, so the modules that import them load and run_with_iproute can fail the task
-    # with the reason; without pyroute2 it does so before either name is used.
-    IPRoute = NetlinkError = None
 
 KEY_BYTES = 32
 HIDDEN = "(hidden)"
@@ -575,26 +562,3 @@ class WgQuickUnit:
             plan.add(step_key, "delete", current, None, self._remove_dropin)
         if implementation and not enabled:
             plan.add(f"service {self.unit}", "update", {"enabled": False}, {"enabled": True}, self._enable)
-
-
-# ---- the modules' entry ----
-
-class IPRouteManager(Protocol):
-    def run(self) -> None: ...
-
-
-def run_with_iproute(module: AnsibleModule,
-                     manager: Callable[[AnsibleModule, IPRoute], IPRouteManager]) -> None:
-    """Run a module's manager on one IPRoute socket: a clear failure without pyroute2, and a
-    netlink error the manager does not handle itself fails the task instead of a traceback."""
-    if PYROUTE2_ERROR is not None:
-        module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(PYROUTE2_ERROR))
-
-    def body() -> None:
-        try:
-            with IPRoute() as ipr:
-                manager(module, ipr).run()
-        except NetlinkError as err:
-            raise CommandError(f"netlink request failed: {err}") from None
-
-    guarded(module, body)
