@@ -1,12 +1,10 @@
-"""Kernel numbers netloom compares or writes, in one place (linux/if.h, linux/rtnetlink.h,
-linux/neighbour.h), so every module reads the same value under the same name."""
+"""Kernel numbers netloom compares or writes, in one place (linux/rtnetlink.h, linux/neighbour.h),
+so every module reads the same value under the same name. A link's up state (IFF_UP) needs no
+number: the seam reads it from iproute2's flags."""
 from __future__ import annotations
-
-IFF_UP = 0x1  # a link's administrative state (IFLA flags)
 
 # Routing tables (rtm_table).
 MAIN_TABLE = 254
-LOCAL_TABLE = 255
 
 # Routing protocols (rtm_protocol): who installed a route.
 RTPROT_KERNEL = 2  # the kernel's connected routes
@@ -18,7 +16,6 @@ NETLOOM_ROUTE_PROTO = 250
 # Route scopes (rtm_scope).
 SCOPE_UNIVERSE = 0
 SCOPE_LINK = 253
-SCOPE_HOST = 254
 SCOPE_NOWHERE = 255  # in a delete request: match any scope, as `ip route del` does
 
 RTN_UNICAST = 1  # route type (rtm_type)
