@@ -209,6 +209,7 @@ from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom.common import CommandError, InputError, ifname, port
+from ansible.module_utils.netloom.files import write_file
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
 from ansible.module_utils.netloom.netlink import Link, Netlink, Snapshot, Vxlan, run_with_netlink
@@ -235,7 +236,7 @@ from ansible.module_utils.netloom.plan import (
     render_state,
     resolve_runner_ids,
 )
-from ansible.module_utils.netloom.sysctl import plan_sysctls, write_file_atomically
+from ansible.module_utils.netloom.sysctl import plan_sysctls
 
 HUB_CHAIN = "NETLOOM-OVLHUB-FWD"
 
@@ -466,11 +467,8 @@ class OverlayHub(OverlayManager):
         if content == state_text:
             return
 
-        def write() -> None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            write_file_atomically(path, content)
         self.plan.add(f"file {path}", "update" if state_text is not None else "create",
-                      state_text, content, write)
+                      state_text, content, lambda: write_file(self.module, path, content))
 
     def describe_runner(self, runner: ResolvedRunner, vni: int) -> dict[str, Any]:
         addressing = self.address_plan.runner(runner.runner_id)

@@ -5,17 +5,18 @@ literal "." (so `net.ipv4.conf.eth0/100.forwarding` is /proc/sys/net/ipv4/conf/e
 Network keys are per network namespace: the process's own netns is the one configured.
 
 The persist file (e.g. /etc/sysctl.d/90-netloom-dnat.conf) is owned as a whole: it holds
-exactly the given values, is replaced atomically, and differs per caller; two callers must
+exactly the given values, is replaced atomically (files.write_file), and differs per caller; two callers must
 not share one file or they will rewrite each other's content on every run.
 """
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable
+from typing import Any
 
 from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError
+from ansible.module_utils.netloom.files import write_file
 
 PROC_SYS = "/proc/sys"
 _COMPONENT_RE = re.compile(r"[A-Za-z0-9_@:+/-]+")  # fullmatch: `$` passes a trailing newline
@@ -85,8 +86,10 @@ def _file_remover(path: str) -> Callable[[], None]:
 
 
 def plan_sysctls(values: dict[str, str], persist_file: str | None = None,
-                 root: str = PROC_SYS) -> ChangePlan:
+                 root: str = PROC_SYS, module: Any = None) -> ChangePlan:
     """Plan one write per differing key, plus the persist file when its content differs.
+
+    The persist file is written with `module`'s atomic_move, so a persist_file needs the module.
 
     Every key is validated and must exist before anything is planned, so a typo fails the
     run instead of being silently persisted for the next boot.
@@ -105,6 +108,8 @@ def plan_sysctls(values: dict[str, str], persist_file: str | None = None,
             raise InputError("persist_file", persist_file, "must be an absolute path ending in .conf")
         if not os.path.isdir(os.path.dirname(persist_file)):
             raise InputError("persist_file", persist_file, "its directory does not exist")
+        if module is None:
+            raise ValueError("plan_sysctls: a persist_file is written through the module (atomic_move)")
 
     plan = ChangePlan()
     for key, value in desired.items():
@@ -116,7 +121,7 @@ def plan_sysctls(values: dict[str, str], persist_file: str | None = None,
         existing = _read_file(persist_file)
         if existing != content:
             plan.add(f"file {persist_file}", "update" if existing is not None else "create",
-                     existing, content, _file_writer(persist_file, content))
+                     existing, content, lambda: write_file(module, persist_file, content))
     return plan
 
 
@@ -146,26 +151,3 @@ def _writer(path: str, value: str) -> Callable[[], None]:
         except OSError as err:
             raise CommandError(f"cannot write {value!r} to {path}: {err}") from None
     return write
-
-
-def _file_writer(path: str, content: str) -> Callable[[], None]:
-    def write() -> None:
-        write_file_atomically(path, content)
-    return write
-
-
-def write_file_atomically(path: str, content: str, mode: int = 0o644) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
-    directory = os.path.dirname(path)
-    handle, temp = tempfile.mkstemp(prefix=".netloom-", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except OSError as err:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise CommandError(f"cannot write {path}: {err}") from None

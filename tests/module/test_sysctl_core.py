@@ -16,11 +16,15 @@ pytestmark = [pytest.mark.netns,
 
 CALL_CORE = """
 import json, sys
+from ansible.module_utils import basic
 from ansible.module_utils.netloom.common import InputError
 from ansible.module_utils.netloom.sysctl import plan_sysctls
 request = json.loads(sys.argv[2])
+basic._ANSIBLE_ARGS = json.dumps({"ANSIBLE_MODULE_ARGS": {}}).encode()  # the writer's atomic_move
+basic._ANSIBLE_PROFILE = "legacy"
+module = basic.AnsibleModule(argument_spec={})
 try:
-    plan = plan_sysctls(request["values"], request["persist_file"])
+    plan = plan_sysctls(request["values"], request["persist_file"], module=module)
 except InputError as err:
     print(json.dumps({"error": str(err), "field": err.field_name}))
 else:
