@@ -19,13 +19,20 @@ description:
     C(wg set); the interface is never recreated for a peer change, so other peers keep their
     sessions.
   - The running state is also saved to I(config_dir)/NAME.conf in wg-quick format (mode 0600,
-    written atomically). With systemd, C(wg-quick@NAME) is enabled so that config brings the
+    swapped in with C(atomic_move) after C(wg-quick strip) accepted it). The config is rendered
+    on the controller by netloom's C(wireguard_interface) action plugin (C(action_plugins/) in
+    C(ansible.cfg)) from C(templates/wireguard/wg-quick.conf.j2), or the operator's own
+    I(template), and handed over in I(rendered); the module validates every argument itself
+    before using it and fails naming I(rendered) without the plugin. The config holds no key
+    material - its C(PostUp) loads the private key from I(config_dir)/NAME.key and any
+    preshared keys from I(config_dir)/NAME.psk (both 0600, written on the node).
+    With systemd, C(wg-quick@NAME) is enabled so that config brings the
     interface back at boot, with a drop-in selecting wireguard-go where the kernel lacks
     WireGuard. The config has C(Table = off), so wg-quick installs no route at all (no policy
     routing for 0.0.0.0/0, no public /32); routes come only from the wireguard_routes module,
     through its filter, which netloom-restore replays after wg-quick at boot.
   - I(state=absent) stops the unit, removes the interface (and its wireguard-go process), the
-    config and the key file.
+    config, the preshared keys file and the key file.
   - To choose the implementation for a new interface the module creates and at once deletes a
     probe WireGuard link when the wireguard kernel module is not loaded; in check mode it creates
     nothing and predicts the answer with C(modprobe -n wireguard).
@@ -113,11 +120,31 @@ options:
         under systemd.
       - Default is to do so when systemd runs on the node; C(true) fails on a node without it.
     type: bool
+  template:
+    description:
+      - The operator's own Jinja2 template for NAME.conf instead of
+        C(templates/wireguard/wg-quick.conf.j2), rendered on the controller (relative paths are
+        found as C(ansible.builtin.template) finds C(src)) with the variable C(interface) (name,
+        addresses, listen_port, mtu, key_path, preshared_keys_path, peers) and the filter
+        C(shell_quote). Read by the action plugin only.
+    type: str
+  rendered:
+    description:
+      - Set by netloom's action plugin, not by hand. C(config) is the rendered NAME.conf
+        (required with C(state=present)), C(dropin) the wireguard-go unit drop-in.
+    type: dict
+    suboptions:
+      config:
+        description: The rendered wg-quick config (no key material).
+        type: str
+      dropin:
+        description: The rendered C(wg-quick@NAME) drop-in for wireguard-go.
+        type: str
 notes:
   - Supports check mode and diff mode; both are computed from the same change plan as the
     real run. The diff never contains key material.
-  - Needs C(wg) (wireguard-tools) on the node, and C(wireguard-go) where the kernel has no
-    WireGuard, and pyroute2.
+  - Needs C(wg) and C(wg-quick) (wireguard-tools) on the node, and C(wireguard-go) where the
+    kernel has no WireGuard, and pyroute2; netloom's action plugins on the controller.
 author:
   - netloom
 """
@@ -210,7 +237,9 @@ from ansible.module_utils.netloom.common import (
     int_range,
     port,
 )
+from ansible.module_utils.netloom.files import SECRET_MODE, file_mode, read_text, remove_file, write_file
 from ansible.module_utils.netloom.netlink import Netlink, RequestError, run_with_netlink
+from ansible.module_utils.netloom.systemd import booted
 from ansible.module_utils.netloom.wireguard import (
     ENDPOINT_POLICIES,
     DeviceState,
@@ -219,23 +248,22 @@ from ansible.module_utils.netloom.wireguard import (
     WgQuickUnit,
     WgTool,
     address_reason,
+    check_config,
     config_endpoints,
+    key_path,
     network_reason,
     peer_differences,
     peer_set_args,
     peer_view,
-    read_private_file,
+    preshared_keys_path,
+    preshared_keys_text,
     redact_config,
-    remove_file,
-    render_config,
     resolve_endpoint,
     sorted_networks,
     start_userspace,
     stop_userspace,
-    systemd_running,
     userspace_pids,
     wg_key,
-    write_private_file,
 )
 
 KIND_IMPLEMENTATION = {"wireguard": "kernel", "tun": "wireguard-go"}
@@ -260,6 +288,8 @@ ARGUMENT_SPEC: dict[str, Any] = {
     },
     "config_dir": {"type": "path", "default": "/etc/wireguard"},
     "manage_service": {"type": "bool"},
+    "template": {"type": "str"},
+    "rendered": {"type": "dict", "options": {"config": {"type": "str"}, "dropin": {"type": "str"}}},
 }
 
 
@@ -365,17 +395,26 @@ class WireguardInterface:
         self.state = params["state"]
         directory = config_dir("config_dir", params["config_dir"])
         self.config_path = os.path.join(directory, f"{self.name}.conf")
-        self.key_path = os.path.join(directory, f"{self.name}.key")
+        self.key_path = key_path(directory, self.name)
+        self.preshared_keys_path = preshared_keys_path(directory, self.name)
         self.manage_service = self._service_wanted(params["manage_service"])
         self.spec = self._validate(params) if self.state == "present" else None
         self.private_key = (wg_key("private_key", params["private_key"], secret=True)
                             if params["private_key"] else None)
+        # Every argument is valid; only now are the files rendered from them on the controller used.
+        rendered = params["rendered"] or {}
+        self.config_text = rendered.get("config")
+        self.dropin_text = rendered.get("dropin")
+        if self.state == "present" and self.config_text is None:
+            raise InputError("rendered.config", None,
+                             "is rendered on the controller by netloom's wireguard_interface action plugin: "
+                             "add netloom's action_plugins directory to ansible.cfg (action_plugins)")
         self.wg = WgTool()
 
     def _service_wanted(self, requested: bool | None) -> bool:
-        if requested and not systemd_running():
+        if requested and not booted():
             raise InputError("manage_service", requested, "systemd is not running on this node")
-        return systemd_running() if requested is None else requested
+        return booted() if requested is None else requested
 
     def _validate(self, params: dict[str, Any]) -> InterfaceSpec:
         addresses: list[str] = []
@@ -431,7 +470,7 @@ class WireguardInterface:
     # ---- key ----
 
     def _file_key(self) -> str | None:
-        content, _mode = read_private_file(self.key_path)
+        content = read_text(self.key_path)
         if content is None:
             return None
         try:
@@ -478,29 +517,30 @@ class WireguardInterface:
         if link is None or not link.up:
             plan.add(f"{self.name} link", "update", {"up": False}, {"up": True},
                      lambda: self.nl.set_link(self.name, up=True))
-        self._plan_config(plan, render_config(spec, key.private))
+        assert self.config_text is not None
+        self._plan_config(plan, self.config_text, preshared_keys_text(spec.peers))
 
     def _plan_key_file(self, plan: ChangePlan, key: KeyChoice) -> None:
-        content, mode = read_private_file(self.key_path)
+        content, mode = read_text(self.key_path), file_mode(self.key_path)
         step_key = f"{self.name} private key file {self.key_path}"
         if content is not None and content.strip() == key.private:
-            if mode != 0o600:
+            if mode != SECRET_MODE:
                 plan.add(step_key, "update", {"mode": oct(mode or 0)}, {"mode": "0o600"},
-                         lambda: os.chmod(self.key_path, 0o600))
+                         lambda: os.chmod(self.key_path, SECRET_MODE))
             return
         before = None
         if content is not None:
             old_key = self._file_key()
             before = {"public_key": self.wg.pubkey(old_key) if old_key else "(not a valid key)"}
         plan.add(step_key, "update" if content is not None else "create", before,
-                 {"public_key": key.shown}, lambda: write_private_file(self.key_path, key.private + "\n"))
+                 {"public_key": key.shown}, lambda: self._write_secret(self.key_path, key.private + "\n"))
 
     def _plan_peers(self, plan: ChangePlan, live_peers: dict[str, Any]) -> None:
         """Removals first (they may free allowed IPs the others take), then adds and updates."""
         spec = self.spec
         assert spec is not None
         wanted = {peer.public_key for peer in spec.peers}
-        last_declared = config_endpoints(read_private_file(self.config_path)[0])
+        last_declared = config_endpoints(read_text(self.config_path))
         for public_key, live in live_peers.items():
             if public_key not in wanted:
                 plan.add(f"{self.name} peer {public_key}", "delete", peer_view(live), None,
@@ -532,22 +572,50 @@ class WireguardInterface:
 
         plan.add(f"{self.name} addresses", "update", sorted(live), list(spec.addresses), apply)
 
-    def _plan_config(self, plan: ChangePlan, wanted: str | None) -> None:
-        """The saved config follows the declaration; the diff shows it with keys hidden."""
-        content, mode = read_private_file(self.config_path)
+    def _write_secret(self, path: str, text: str) -> None:
+        """0600 from the first byte, in a 0700 config_dir."""
+        write_file(self.module, path, text, SECRET_MODE, dir_mode=0o700)
+
+    def _plan_config(self, plan: ChangePlan, wanted: str | None, preshared_keys: str | None = None) -> None:
+        """The saved config (and its preshared-keys companion) follows the declaration.
+
+        One step, as the config is one thing to wg-quick; the diff shows the config with any old
+        key lines hidden, never the companion. A config `wg-quick strip` rejects is not written.
+        """
+        content, mode = read_text(self.config_path), file_mode(self.config_path)
+        psk_content, psk_mode = read_text(self.preshared_keys_path), file_mode(self.preshared_keys_path)
         step_key = f"config {self.config_path}"
         if wanted is None:
-            if content is not None:
-                plan.add(step_key, "delete", redact_config(content), None,
-                         lambda: remove_file(self.config_path))
-        elif content == wanted:
-            if mode != 0o600:
-                plan.add(step_key, "update", {"mode": oct(mode or 0)}, {"mode": "0o600"},
-                         lambda: os.chmod(self.config_path, 0o600))
-        else:
-            plan.add(step_key, "update" if content is not None else "create",
-                     None if content is None else redact_config(content), redact_config(wanted),
-                     lambda: write_private_file(self.config_path, wanted))
+            if content is not None or psk_content is not None:
+                plan.add(step_key, "delete", redact_config(content or ""), None, self._remove_config)
+            return
+        same = content == wanted and psk_content == preshared_keys
+        secure = mode == SECRET_MODE and (psk_content is None or psk_mode == SECRET_MODE)
+        if same and secure:
+            return
+        if same:
+            plan.add(step_key, "update", {"mode": oct(mode or 0)}, {"mode": "0o600"}, self._secure_config)
+            return
+
+        def write() -> None:
+            self._write_secret(self.config_path, wanted)  # refused by check before it goes live
+            if preshared_keys is None:
+                remove_file(self.preshared_keys_path)
+            else:
+                self._write_secret(self.preshared_keys_path, preshared_keys)
+
+        check_config(self.name, wanted)  # also in check mode: a config wg-quick rejects fails the task
+        plan.add(step_key, "update" if content is not None else "create",
+                 None if content is None else redact_config(content), redact_config(wanted), write)
+
+    def _secure_config(self) -> None:
+        for path in (self.config_path, self.preshared_keys_path):
+            if os.path.exists(path):
+                os.chmod(path, SECRET_MODE)
+
+    def _remove_config(self) -> None:
+        remove_file(self.config_path)
+        remove_file(self.preshared_keys_path)
 
     def _create(self, implementation: str) -> None:
         if implementation == "kernel":
@@ -567,7 +635,7 @@ class WireguardInterface:
 
     def plan_absent(self, plan: ChangePlan, link: LinkState | None) -> None:
         if self.manage_service:
-            WgQuickUnit(self.name).plan(plan, None)
+            WgQuickUnit(self.module, self.name, None).plan(plan, None)
         if link is not None:
             plan.add(f"{self.name} interface", "delete", {"implementation": link.implementation}, None,
                      lambda: self._remove_interface(link.implementation))
@@ -575,8 +643,7 @@ class WireguardInterface:
             plan.add(f"{self.name} wireguard-go process", "delete", {"running": True}, None,
                      lambda: stop_userspace(self.name, lambda: False, self._delete_link))
         self._plan_config(plan, None)
-        content, _mode = read_private_file(self.key_path)
-        if content is not None:
+        if read_text(self.key_path) is not None:
             plan.add(f"{self.name} private key file {self.key_path}", "delete", {"present": True}, None,
                      lambda: remove_file(self.key_path))
 
@@ -605,7 +672,7 @@ class WireguardInterface:
                                  "is this interface's own public key")
         self.plan_present(plan, link, device, implementation, key)
         if self.manage_service:
-            WgQuickUnit(self.name).plan(plan, implementation)
+            WgQuickUnit(self.module, self.name, self.dropin_text).plan(plan, implementation)
         listen_port = spec.listen_port if spec.listen_port is not None else (
             device.listen_port if device else None)
         finish(self.module, plan, public_key=None if key.generated and self.module.check_mode else key.public,

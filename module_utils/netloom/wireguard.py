@@ -14,15 +14,18 @@ import binascii
 import contextlib
 import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from ansible.module_utils.netloom import systemd
 from ansible.module_utils.netloom.common import (
     ChangePlan,
     CommandError,
@@ -31,13 +34,19 @@ from ansible.module_utils.netloom.common import (
     port,
     run_command,
 )
+from ansible.module_utils.netloom.files import read_text, remove_dropin, remove_file, write_file
 
 KEY_BYTES = 32
 HIDDEN = "(hidden)"
 USERSPACE_SOCKET_DIR = "/var/run/wireguard"
-SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 USERSPACE_DROPIN = "netloom-wireguard-go.conf"
-CONFIG_HEADER = "# Managed by netloom (wireguard_interface); local edits are overwritten.\n"
+# The templates this module's files come from (under templates/, rendered on the controller).
+CONFIG_TEMPLATE = "wireguard/wg-quick.conf.j2"
+DROPIN_TEMPLATE = "systemd/wireguard-go.conf.j2"
+# wg-quick runs PostUp with `eval`: paths are shell-quoted (config_dir may hold spaces).
+TEMPLATE_FILTERS = {"shell_quote": shlex.quote}
+PRESHARED_KEYS_HEADER = ("# Managed by netloom (wireguard_interface): preshared keys, loaded by the "
+                         "config's PostUp.\n")
 # How a declared endpoint is kept: `on_change` sets it when the peer is new, has no endpoint, or
 # the declaration changed since the last run (a peer behind NAT that roamed is left alone);
 # `always` resets any other live endpoint on every run.
@@ -294,29 +303,108 @@ class InterfaceSpec:
     peers: tuple[PeerSpec, ...]
 
 
-def render_config(spec: InterfaceSpec, private_key: str) -> str:
-    """wg-quick format, so `wg-quick up <name>` (the systemd unit at boot) rebuilds the same device."""
-    lines = [CONFIG_HEADER.rstrip("\n"), "[Interface]", f"PrivateKey = {private_key}"]
-    if spec.addresses:
-        lines.append(f"Address = {', '.join(spec.addresses)}")
-    # wg-quick must install no route at boot (no policy routing for 0.0.0.0/0, no public /32):
-    # routes come only from wireguard_routes, through its filter.
-    lines.append("Table = off")
-    if spec.listen_port is not None:
-        lines.append(f"ListenPort = {spec.listen_port}")
-    if spec.mtu is not None:
-        lines.append(f"MTU = {spec.mtu}")
-    for peer in spec.peers:
-        lines += ["", "[Peer]", f"PublicKey = {peer.public_key}"]
+def key_path(directory: str, name: str) -> str:
+    return os.path.join(directory, f"{name}.key")
+
+
+def preshared_keys_path(directory: str, name: str) -> str:
+    return os.path.join(directory, f"{name}.psk")
+
+
+def config_variables(params: Mapping[str, Any]) -> dict[str, Any]:
+    """What the wg-quick template sees, from the module's (argument-spec normalised) parameters.
+
+    Runs on the controller (action plugin). Addresses, AllowedIPs and literal endpoints get the
+    canonical forms the module compares with; names stay names (they resolve on the node).
+    Raises InputError or ValueError on input the module will refuse, naming the field.
+    No key material: the key files' paths only, and whether there are preshared keys.
+    """
+    name = str(params["name"])
+    directory = os.path.normpath(str(params["config_dir"]))
+    peers = []
+    for index, raw in enumerate(params.get("peers") or []):
+        endpoint = None
+        if raw.get("endpoint"):
+            host, port_number = split_endpoint(f"peers[{index}].endpoint", raw["endpoint"])
+            with contextlib.suppress(ValueError):
+                host = str(ipaddress.ip_address(host))
+            endpoint = format_endpoint(host, port_number)
+        peers.append({
+            "public_key": str(raw["public_key"]).strip(),
+            "allowed_ips": sorted_networks(str(ipaddress.ip_network(str(item).strip(), strict=True))
+                                           for item in raw.get("allowed_ips") or []),
+            "endpoint": endpoint,
+            "persistent_keepalive": int(raw.get("persistent_keepalive") or 0),
+        })
+    with_psk = any(raw.get("preshared_key") for raw in params.get("peers") or [])
+    return {"interface": {
+        "name": name,
+        "addresses": [str(ipaddress.ip_interface(str(item).strip()))
+                      for item in params.get("addresses") or []],
+        "listen_port": params.get("listen_port"),
+        "mtu": params.get("mtu"),
+        "key_path": key_path(directory, name),
+        "preshared_keys_path": preshared_keys_path(directory, name) if with_psk else None,
+        "peers": peers,
+    }}
+
+
+def preshared_keys_text(peers: Iterable[PeerSpec]) -> str | None:
+    """The 0600 companion of the config that PostUp loads with `wg addconf`; None without any.
+
+    `wg addconf` replaces a listed peer's AllowedIPs, so each peer's are repeated here.
+    """
+    lines = [PRESHARED_KEYS_HEADER.rstrip("\n")]
+    for peer in peers:
         if peer.preshared_key:
-            lines.append(f"PresharedKey = {peer.preshared_key}")
-        if peer.allowed_ips:
-            lines.append(f"AllowedIPs = {', '.join(peer.allowed_ips)}")
-        if peer.endpoint:
-            lines.append(f"Endpoint = {peer.endpoint}")
-        if peer.persistent_keepalive:
-            lines.append(f"PersistentKeepalive = {peer.persistent_keepalive}")
-    return "\n".join(lines) + "\n"
+            lines += ["", "[Peer]", f"PublicKey = {peer.public_key}", f"PresharedKey = {peer.preshared_key}"]
+            if peer.allowed_ips:
+                lines.append(f"AllowedIPs = {', '.join(peer.allowed_ips)}")
+    return "\n".join(lines) + "\n" if len(lines) > 1 else None
+
+
+def check_config(name: str, text: str) -> None:
+    """`wg-quick strip` on the text: wg-quick's own parser must accept what the boot unit reads.
+
+    wg-quick takes the interface name from the file name, so the check copy is NAME.conf in a
+    private directory.
+    """
+    with tempfile.TemporaryDirectory(prefix="netloom-wg-") as directory:
+        path = os.path.join(directory, f"{name}.conf")
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        proc = subprocess.run(["wg-quick", "strip", path], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CommandError("wg-quick strip rejected the rendered config (live file unchanged): "
+                           + (proc.stderr or proc.stdout).strip().replace(path, f"{name}.conf"))
+    problem = stripped_config_problem(proc.stdout)
+    if problem:
+        raise CommandError(f"the rendered config is not a WireGuard config (live file unchanged): {problem}")
+
+
+# What `wg setconf` accepts per section; wg-quick strip passes anything else through unchecked.
+_WG_KEYS = {"interface": {"privatekey", "listenport", "fwmark"},
+            "peer": {"publickey", "presharedkey", "allowedips", "endpoint", "persistentkeepalive"}}
+
+
+def stripped_config_problem(text: str) -> str | None:
+    """Why `wg setconf` would refuse wg-quick's stripped config (one [Interface] first, known keys)."""
+    section = None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        header = line.lower()
+        if header in ("[interface]", "[peer]"):
+            if (header == "[interface]") != (section is None):
+                return f"line {number}: {line} out of place (one [Interface], first, then [Peer]s)"
+            section = header[1:-1]
+            continue
+        key, sep, _value = line.partition("=")
+        if section is None or not sep or key.strip().lower() not in _WG_KEYS[section]:
+            return f"line {number}: {line!r} is not a key of {f'[{section}]' if section else 'any section'}"
+    return None if section else "no [Interface] section"
 
 
 def config_endpoints(text: str | None) -> dict[str, str]:
@@ -343,40 +431,6 @@ def redact_config(text: str) -> str:
         out.append(f"{line.split('=', 1)[0].rstrip()} = {HIDDEN}"
                    if "=" in line and name in ("privatekey", "presharedkey") else line)
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
-
-
-# ---- files holding secrets ----
-
-def read_private_file(path: str) -> tuple[str | None, int | None]:
-    """Content and permission bits of a file, or (None, None) when it does not exist."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read(), os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        return None, None
-
-
-def write_private_file(path: str, content: str) -> None:
-    """Write atomically with mode 0600 from the first byte: a reader sees old or new, never half."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    handle_fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(handle_fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_path, 0o600)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-
-
-def remove_file(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 # ---- the wg tool ----
@@ -503,62 +557,46 @@ def stop_userspace(name: str, link_exists: Callable[[], bool], delete_link: Call
 
 # ---- boot persistence through systemd (the seam behind `manage_service`) ----
 
-def systemd_running() -> bool:
-    return os.path.isdir("/run/systemd/system")
-
-
-def userspace_dropin() -> str:
-    return ("# Managed by netloom (wireguard_interface): no kernel WireGuard on this node.\n"
-            "[Service]\nEnvironment=WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go\n")
-
-
 class WgQuickUnit:
     """`wg-quick@<name>`: enabled so the saved config brings the interface back at boot.
 
     The module itself keeps the running interface converged; the unit is only the boot
-    path, plus a drop-in that makes wg-quick use wireguard-go where the kernel lacks it.
+    path, plus a drop-in (templates/systemd/wireguard-go.conf.j2, rendered on the controller)
+    that makes wg-quick use wireguard-go where the kernel lacks it.
     """
 
-    def __init__(self, name: str, unit_dir: str = SYSTEMD_UNIT_DIR) -> None:
-        self.unit = f"wg-quick@{name}.service"
-        self.dropin_path = os.path.join(unit_dir, f"{self.unit}.d", USERSPACE_DROPIN)
+    def __init__(self, module: Any, name: str, dropin: str | None, unit_dir: str = systemd.UNIT_DIR) -> None:
+        self.module = module
+        self.unit = systemd.Unit(f"wg-quick@{name}.service")
+        self.dropin = dropin
+        self.dropin_path = self.unit.dropin_path(USERSPACE_DROPIN, unit_dir)
 
-    def enabled(self) -> bool:
-        return run_command(["systemctl", "is-enabled", self.unit], check=False).strip() == "enabled"
-
-    def _write_dropin(self) -> None:
-        os.makedirs(os.path.dirname(self.dropin_path), mode=0o755, exist_ok=True)
-        write_private_file(self.dropin_path, userspace_dropin())
-        os.chmod(self.dropin_path, 0o644)
-        run_command(["systemctl", "daemon-reload"])
+    def _write_dropin(self, text: str) -> None:
+        write_file(self.module, self.dropin_path, text)
+        systemd.daemon_reload()
 
     def _remove_dropin(self) -> None:
-        remove_file(self.dropin_path)
-        with contextlib.suppress(OSError):  # the .d directory goes too unless something else is in it
-            os.rmdir(os.path.dirname(self.dropin_path))
-        run_command(["systemctl", "daemon-reload"])
-
-    def _enable(self) -> None:
-        run_command(["systemctl", "enable", self.unit])
-
-    def _disable(self) -> None:
-        """--now also stops a unit that brought the interface up at boot (wg-quick down)."""
-        run_command(["systemctl", "disable", "--now", self.unit])
+        remove_dropin(self.dropin_path)
+        systemd.daemon_reload()
 
     def plan(self, plan: ChangePlan, implementation: str | None) -> None:
         """Steps for the unit: present with an implementation, or absent when it is None.
 
-        On removal the unit is stopped first, while its drop-in still describes how it runs.
+        On removal the unit is stopped first (--now: wg-quick down), while its drop-in still
+        describes how it runs.
         """
-        current, _mode = read_private_file(self.dropin_path)
-        enabled = self.enabled()
+        current = read_text(self.dropin_path)
+        enabled = self.unit.is_enabled()
         step_key = f"systemd drop-in {self.dropin_path}"
         if implementation is None and enabled:
-            plan.add(f"service {self.unit}", "update", {"enabled": True}, {"enabled": False}, self._disable)
-        if implementation == "wireguard-go" and current != userspace_dropin():
-            plan.add(step_key, "create" if current is None else "update", current, userspace_dropin(),
-                     self._write_dropin)
-        elif implementation != "wireguard-go" and current is not None:
+            plan.add(f"service {self.unit.name}", "update", {"enabled": True}, {"enabled": False},
+                     self.unit.action("disable", "--now"))
+        wanted = self.dropin if implementation == "wireguard-go" else None
+        if wanted is not None and current != wanted:
+            plan.add(step_key, "create" if current is None else "update", current, wanted,
+                     lambda: self._write_dropin(wanted))
+        elif wanted is None and current is not None:
             plan.add(step_key, "delete", current, None, self._remove_dropin)
         if implementation and not enabled:
-            plan.add(f"service {self.unit}", "update", {"enabled": False}, {"enabled": True}, self._enable)
+            plan.add(f"service {self.unit.name}", "update", {"enabled": False}, {"enabled": True},
+                     self.unit.action("enable"))

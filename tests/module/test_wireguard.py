@@ -272,7 +272,9 @@ def test_tunnel_converges_carries_traffic_and_reruns_unchanged(lab: Lab) -> None
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 == stat.S_IMODE(conf_file.stat().st_mode)
     assert stat.S_IMODE(lab.gw.config_dir.stat().st_mode) == 0o700
     conf = conf_file.read_text()
-    assert f"PrivateKey = {key_file.read_text().strip()}" in conf
+    # No key material in the config (it is rendered on the controller): PostUp loads the 0600 key file.
+    assert key_file.read_text().strip() not in conf and "PrivateKey" not in conf
+    assert f"PostUp = wg set %i private-key {key_file}" in conf
     assert f"PublicKey = {cp_public}" in conf and "ListenPort = 51820" in conf
     # wg-quick's own parser accepts the saved file (strip drops the wg-quick-only keys).
     stripped = lab.gw.sh(f"wg-quick strip {shlex.quote(str(conf_file))}").stdout
@@ -308,7 +310,11 @@ def test_peers_change_in_place_and_the_other_session_survives(lab: Lab) -> None:
     peer = lab.gw.dump().peers[extra]
     assert peer.allowed_ips == ("10.88.3.0/24", "10.88.4.0/24") and peer.persistent_keepalive == 30
     assert peer.endpoint == "192.0.2.99:51820" and peer.preshared_key == psk
-    assert psk in (lab.gw.config_dir / "wg0.conf").read_text()
+    # The preshared key lives in the 0600 companion that the config's PostUp loads, not in the config.
+    psk_file = lab.gw.config_dir / "wg0.psk"
+    assert psk not in (lab.gw.config_dir / "wg0.conf").read_text()
+    assert psk in psk_file.read_text() and stat.S_IMODE(psk_file.stat().st_mode) == 0o600
+    assert f"PostUp = wg addconf %i {psk_file}" in (lab.gw.config_dir / "wg0.conf").read_text()
     untouched()
     assert lab.gw.interface(**gateway_args(cp_public, [changed_peer]))["changed"] is False
 
@@ -355,7 +361,9 @@ def test_check_mode_reports_the_plan_and_changes_nothing(lab: Lab) -> None:
     assert diff["before"]["wg0 mtu"] == 1420 and diff["after"]["wg0 mtu"] == 1380
     assert diff["after"]["wg0 addresses"] == ["10.99.0.1/24", "10.99.1.1/24"]
     assert f"PublicKey = {extra}" in diff["after"][f"config {lab.gw.config_dir / 'wg0.conf'}"]
-    assert "PrivateKey = (hidden)" in diff["before"][f"config {lab.gw.config_dir / 'wg0.conf'}"]
+    # The config holds no key material at all, so no diff can show it.
+    assert (lab.gw.config_dir / "wg0.key").read_text().strip() not in json.dumps(preview)
+    assert "PrivateKey" not in diff["before"][f"config {lab.gw.config_dir / 'wg0.conf'}"]
     assert (lab.gw.config_dir / "wg0.conf").read_bytes() == conf_before
     assert lab.gw.dump() == dump_before and lab.gw.sh("ip addr show dev wg0").stdout == addresses_before
 
@@ -823,3 +831,54 @@ def test_wireguard_go_failure_shows_its_error_not_its_banner(lab: Lab) -> None:
     assert "wireguard-go wg0 failed (1): ERROR: (wg0)" in proc.stdout and "UAPI" in proc.stdout, proc.stdout
     assert "first class support" not in proc.stdout and "│" not in proc.stdout
     assert lab.gw.sh("ip link show wg0", check=False).returncode != 0
+
+
+def test_wg_quick_loads_both_keys_from_their_own_files(lab: Lab) -> None:
+    """The config holds no key; wg-quick's PostUp reads the private key and the preshared keys
+    from their 0600 files, so the boot unit rebuilds the device with every secret in place."""
+    gw_public, cp_public = build_tunnel(lab)
+    psk = lab.gw.sh("wg genpsk").stdout.strip()
+    peers = gateway_args(cp_public)["peers"]
+    peers[0]["preshared_key"] = psk
+    assert lab.gw.interface(**gateway_args(cp_public, [], peers=peers))["changed"]
+    conf = lab.gw.config_dir / "wg0.conf"
+    assert psk not in conf.read_text() and "PrivateKey" not in conf.read_text()
+
+    lab.gw.kill_userspace()
+    lab.gw.sh("ip link del wg0", check=False)
+    up = node_python_in(lab.gw, ["wg-quick", "up", str(conf)],
+                        {"WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"})
+    assert up.returncode == 0, up.stderr
+    live = lab.gw.dump()
+    assert live.public_key == gw_public and live.peers[cp_public].preshared_key == psk
+    again = lab.gw.interface(**gateway_args(cp_public, [], peers=peers))
+    assert again["changed"] is False, again["changes"]
+
+
+@pytest.mark.parametrize("bad_line,reason", [
+    ("SaveConfig = maybe", "wg-quick strip rejected the rendered config (live file unchanged)"),
+    ("NoSuchKey = 1", "the rendered config is not a WireGuard config (live file unchanged)"),
+])
+def test_a_config_wg_quick_rejects_never_goes_live(lab: Lab, tmp_path: Path, bad_line: str,
+                                                  reason: str) -> None:
+    """An operator's own template renders a config wg-quick (or wg) would refuse: nothing is written."""
+    gw_public = lab.gw.interface(addresses=[f"{GW_TUNNEL}/24"], listen_port=51820)["public_key"]
+    conf = lab.gw.config_dir / "wg0.conf"
+    before = conf.read_bytes()
+    broken = tmp_path / "broken.conf.j2"
+    broken.write_text("[Interface]\nAddress = {{ interface.addresses | join(', ') }}\n" + bad_line + "\n")
+    for check_mode in (True, False):
+        result = lab.gw.interface(check_mode=check_mode, addresses=[f"{GW_TUNNEL}/24", "10.99.1.1/24"],
+                                  listen_port=51820, template=str(broken))
+        assert result.get("failed") and reason in result["msg"], result
+        assert conf.read_bytes() == before
+    assert "10.99.1.1" not in lab.gw.sh("ip addr show dev wg0").stdout, "nothing ran"
+    assert gw_public == lab.gw.sh("wg show wg0 public-key").stdout.strip()
+
+
+def test_without_the_action_plugin_the_module_names_the_missing_option(lab: Lab) -> None:
+    args = {"name": "wg0", "config_dir": str(lab.gw.config_dir), "manage_service": False,
+            "addresses": [f"{GW_TUNNEL}/24"]}
+    result = run_module("wireguard_interface", args, netns=lab.gw.netns.name, controller=False)
+    assert result["failed"] and "rendered.config" in result["msg"] and "action_plugins" in result["msg"]
+    assert not lab.gw.config_dir.exists() and lab.gw.sh("ip link show wg0", check=False).returncode != 0

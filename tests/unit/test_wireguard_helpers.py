@@ -4,9 +4,9 @@ import dataclasses
 import ipaddress
 
 import pytest
+from ansible.module_utils.netloom import wireguard
 from ansible.module_utils.netloom.common import InputError
 from ansible.module_utils.netloom.wireguard import (
-    InterfaceSpec,
     PeerSpec,
     address_reason,
     config_endpoints,
@@ -16,13 +16,15 @@ from ansible.module_utils.netloom.wireguard import (
     peer_differences,
     peer_set_args,
     peer_view,
+    preshared_keys_text,
     redact_config,
-    render_config,
     resolve_endpoint,
     sorted_networks,
     userspace_failure,
     wg_key,
 )
+
+from action_plugins._netloom_action import render_file, template_path
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(1, 33))).decode()
@@ -128,17 +130,51 @@ def test_peer_view_flags_the_preshared_key_without_its_value() -> None:
     assert view["allowed_ips"] == ["10.88.2.0/24", "10.99.0.2/32"]
 
 
-def test_config_is_wg_quick_format_and_redaction_hides_every_key() -> None:
-    interface = InterfaceSpec("wg0", ("10.99.0.1/24",), 51820, 1420, (spec(), PeerSpec(KEY_A, ())))
-    text = render_config(interface, SECRET)
-    assert text.splitlines()[1:7] == ["[Interface]", f"PrivateKey = {SECRET}", "Address = 10.99.0.1/24",
-                                      "Table = off", "ListenPort = 51820", "MTU = 1420"]
-    assert f"PresharedKey = {PSK}" in text and "AllowedIPs = 10.88.2.0/24, 10.99.0.2/32" in text
+def render_config(**params: object) -> str:
+    """The wg-quick config as the action plugin renders it on the controller."""
+    base: dict[str, object] = {"name": "wg0", "config_dir": "/etc/wireguard", "addresses": ["10.99.0.1/24"],
+                               "listen_port": 51820, "mtu": None, "peers": []}
+    variables = wireguard.config_variables({**base, **params})
+    return render_file(template_path(wireguard.CONFIG_TEMPLATE), variables, wireguard.TEMPLATE_FILTERS)
+
+
+PEERS = [{"public_key": KEY_B, "allowed_ips": ["10.99.0.2/32", "10.88.2.0/24"], "endpoint": "192.0.2.2:51820",
+          "persistent_keepalive": 25, "preshared_key": PSK},
+         {"public_key": KEY_A, "allowed_ips": []}]
+
+
+def test_config_is_wg_quick_format_and_holds_no_key() -> None:
+    text = render_config(mtu=1420, peers=PEERS)
+    assert text.splitlines()[1:8] == ["[Interface]", "Address = 10.99.0.1/24", "Table = off",
+                                      "ListenPort = 51820", "MTU = 1420",
+                                      "PostUp = wg set %i private-key /etc/wireguard/wg0.key",
+                                      "PostUp = wg addconf %i /etc/wireguard/wg0.psk"]
+    assert SECRET not in text and PSK not in text and "PrivateKey" not in text and "PresharedKey" not in text
+    assert "AllowedIPs = 10.88.2.0/24, 10.99.0.2/32" in text
     assert "PersistentKeepalive = 25" in text and text.count("[Peer]") == 2
-    shown = redact_config(text)
+    assert f"PublicKey = {KEY_B}" in text
+    assert "wg0.psk" not in render_config(peers=[dict(PEERS[0], preshared_key=None)]), "no psk: no PostUp"
+
+
+def test_preshared_keys_live_in_their_own_file_in_wg_format() -> None:
+    text = preshared_keys_text([spec(), PeerSpec(KEY_A, ())])
+    assert text is not None and text.splitlines()[1:] == ["", "[Peer]", f"PublicKey = {KEY_B}",
+                                                          f"PresharedKey = {PSK}",
+                                                          "AllowedIPs = 10.88.2.0/24, 10.99.0.2/32"]
+    assert preshared_keys_text([PeerSpec(KEY_A, ())]) is None
+
+
+def test_redaction_hides_every_key_of_a_config_written_by_an_earlier_version() -> None:
+    old = f"[Interface]\nPrivateKey = {SECRET}\n\n[Peer]\nPublicKey = {KEY_B}\nPresharedKey = {PSK}\n"
+    shown = redact_config(old)
     assert SECRET not in shown and PSK not in shown
     assert "PrivateKey = (hidden)" in shown and "PresharedKey = (hidden)" in shown
     assert f"PublicKey = {KEY_B}" in shown
+
+
+def test_paths_in_post_up_are_shell_quoted() -> None:
+    assert "PostUp = wg set %i private-key '/etc/wire guard/wg0.key'" in render_config(
+        config_dir="/etc/wire guard")
 
 
 @pytest.mark.parametrize(("endpoint", "canonical"), [
@@ -180,8 +216,9 @@ def test_a_roamed_endpoint_is_kept_unless_the_declaration_changed_or_policy_is_a
 
 
 def test_config_endpoints_are_read_per_peer() -> None:
-    interface = InterfaceSpec("wg0", ("10.99.0.1/24",), 51820, None, (spec(), PeerSpec(KEY_A, ())))
-    assert config_endpoints(render_config(interface, SECRET)) == {KEY_B: "192.0.2.2:51820"}
+    assert config_endpoints(render_config(peers=PEERS)) == {KEY_B: "192.0.2.2:51820"}
+    ipv6 = dict(PEERS[0], endpoint="[2001:db8::0001]:51820")
+    assert config_endpoints(render_config(peers=[ipv6])) == {KEY_B: "[2001:db8::1]:51820"}, "canonical form"
     assert config_endpoints(None) == {}
     assert config_endpoints("[Peer]\nEndpoint = 192.0.2.9:1\n") == {}, "no key before it: no owner"
 

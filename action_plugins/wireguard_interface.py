@@ -1,0 +1,41 @@
+"""Action plugin of wireguard_interface: renders the wg-quick config and the wireguard-go drop-in.
+
+See _netloom_action.py. The config comes from templates/wireguard/wg-quick.conf.j2, or from the
+task's `template` (the operator's own file, with the same variable `interface`). Neither holds
+key material: the private key stays in its 0600 file on the node and is loaded by PostUp.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the shared base beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _netloom_action import (
+    NetloomAction,
+    module_argument_spec,
+    normalised,
+    render_file,
+    template_path,
+)
+from ansible.module_utils.netloom import wireguard
+from ansible.module_utils.netloom.common import InputError
+
+
+class ActionModule(NetloomAction):
+    accepts_template = True
+
+    @classmethod
+    def render(cls, args: Mapping[str, Any], template: str | None) -> dict[str, str] | None:
+        params = normalised(module_argument_spec("wireguard_interface"), args)
+        if params is None or params["state"] == "absent":
+            return None if params is None else {}
+        try:
+            variables = wireguard.config_variables(params)
+        except (InputError, ValueError):
+            return None
+        return {"config": render_file(template or template_path(wireguard.CONFIG_TEMPLATE), variables,
+                                      wireguard.TEMPLATE_FILTERS),
+                "dropin": render_file(template_path(wireguard.DROPIN_TEMPLATE), {})}
