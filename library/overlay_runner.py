@@ -198,17 +198,22 @@ def owned_chains(overlay: str | None, bridge: str, vxlan: str) -> list[OwnedChai
     """The runner's chains; without a plan (absent) their rules do not matter.
 
     FORWARD accepts what comes in on the overlay interfaces from the overlay, and towards them
-    only replies: a neighbour on the underlay that routes the overlay via this runner reaches
-    no unpublished container port (Docker's own rules decide about published ones). vxlan0 is
-    a port of the bridge, so routed traffic shows the bridge; vxlan0 is listed for the moments
-    it is not enslaved. MASQUERADE covers overlay traffic leaving through a non-overlay interface.
+    only replies; a connection to a published port (DNATed by Docker) returns to Docker's own
+    rules; anything else forwarded into the bridge is dropped. So a neighbour on the underlay
+    that routes the overlay via this runner reaches no unpublished container port, whatever
+    Docker's FORWARD policy is (it is ACCEPT when ip_forward was already 1 as Docker started,
+    which the boot replay makes the normal case). vxlan0 is a port of the bridge, so routed
+    traffic shows the bridge; vxlan0 is listed for the moments it is not enslaved. MASQUERADE
+    covers overlay traffic leaving through a non-overlay interface.
     """
     forward: tuple[str, ...] = ()
     nat: tuple[str, ...] = ()
     if overlay is not None:
         forward = (*(f"-i {name} -s {overlay} -j ACCEPT" for name in (bridge, vxlan)),
                    *(f"-o {name} -d {overlay} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-                     for name in (bridge, vxlan)))
+                     for name in (bridge, vxlan)),
+                   f"-o {bridge} -m conntrack --ctstate DNAT -j RETURN",
+                   f"-o {bridge} -j DROP")
         nat = (f"-s {overlay} ! -d {overlay} ! -o {bridge} -j MASQUERADE",)
     return [OwnedChain("filter", FORWARD_CHAIN, ("FORWARD",), forward),
             OwnedChain("nat", NAT_CHAIN, ("POSTROUTING",), nat)]

@@ -202,13 +202,16 @@ def test_a_failure_mid_plan_reports_what_was_done(pair: tuple[Netns, Netns, path
 # ---- firewall scope ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("policy", ["ACCEPT", "DROP"])
 def test_a_neighbour_routing_the_overlay_via_a_runner_gets_no_new_connection_through(
-        tmp_path: pathlib.Path) -> None:
-    """FORWARD policy DROP as Docker sets it: replies and overlay-initiated traffic pass our chain,
-    a neighbour's new connection to a workload does not."""
+        tmp_path: pathlib.Path, policy: str) -> None:
+    """Whatever Docker's FORWARD policy is (ACCEPT when ip_forward was already 1 as it started):
+    replies and overlay-initiated traffic pass our chain, a neighbour's new connection to a
+    workload is dropped by it, and a published (DNATed) port is left to the rules after it."""
     with Netns("nlrun") as runner, Netns("nlnbr") as neighbour, Netns("nlwrk") as workload:
         sh(f"ip link add eth0 type veth peer name n0 netns {neighbour.name}", runner.name)
-        runner.sh("ip link set eth0 up && ip addr add 192.0.2.11/24 dev eth0 && iptables -P FORWARD DROP")
+        runner.sh("ip link set eth0 up && ip addr add 192.0.2.11/24 dev eth0"
+                  f" && iptables -P FORWARD {policy}")
         neighbour.sh("ip link set n0 up && ip addr add 192.0.2.50/24 dev n0"
                      " && ip route add 10.1.0.0/16 via 192.0.2.11")
         run_module_ok("overlay_runner", runner, runner_args())
@@ -224,7 +227,15 @@ def test_a_neighbour_routing_the_overlay_via_a_runner_gets_no_new_connection_thr
         counters = runner.sh("iptables -S NETLOOM-OVLRUN-FWD -v")
         assert "-s 10.0.0.0/8 -i kohaku-overlay -c 1 " in counters  # the workload's request
         assert "-o kohaku-overlay -m conntrack --ctstate RELATED,ESTABLISHED -c 1 " in counters  # its reply
-        assert "-P FORWARD DROP -c 1 " in runner.sh("iptables -S FORWARD -v")  # the neighbour's request
+        # the neighbour's request
+        assert "-o kohaku-overlay -c 1 " in counters and counters.rstrip().endswith("-j DROP")
+
+        # A published port: Docker DNATs it; our chain returns it to the rules after it (here the
+        # policy stands in for Docker's accept of a published port).
+        runner.sh("iptables -t nat -A PREROUTING -d 192.0.2.11/32 -p icmp -j DNAT --to-destination 10.1.0.5")
+        published = neighbour.sh("ping -c1 -W1 192.0.2.11", check=False)
+        assert ("100% packet loss" if policy == "DROP" else " 0% packet loss") in published
+        assert "--ctstate DNAT -c 1 " in runner.sh("iptables -S NETLOOM-OVLRUN-FWD -v")
 
 
 def test_a_neighbour_routing_the_overlay_via_the_hub_is_dropped_there(

@@ -23,7 +23,9 @@ RUNNER_FORWARD = ["-N NETLOOM-OVLRUN-FWD",
                   "-A NETLOOM-OVLRUN-FWD -s 10.0.0.0/8 -i kohaku-overlay -j ACCEPT",
                   "-A NETLOOM-OVLRUN-FWD -s 10.0.0.0/8 -i vxlan0 -j ACCEPT",
                   f"-A NETLOOM-OVLRUN-FWD -d 10.0.0.0/8 -o kohaku-overlay {REPLIES}",
-                  f"-A NETLOOM-OVLRUN-FWD -d 10.0.0.0/8 -o vxlan0 {REPLIES}"]
+                  f"-A NETLOOM-OVLRUN-FWD -d 10.0.0.0/8 -o vxlan0 {REPLIES}",
+                  "-A NETLOOM-OVLRUN-FWD -o kohaku-overlay -m conntrack --ctstate DNAT -j RETURN",
+                  "-A NETLOOM-OVLRUN-FWD -o kohaku-overlay -j DROP"]
 MASQUERADE = "-A NETLOOM-OVLRUN-NAT -s 10.0.0.0/8 ! -d 10.0.0.0/8 ! -o kohaku-overlay -j MASQUERADE"
 
 
