@@ -1,6 +1,6 @@
 """Action plugin of haproxy_relay: renders haproxy.cfg and the unit drop-in on the controller.
 
-See _netloom_action.py. The config comes from templates/haproxy/haproxy_relay.cfg.j2, or from
+See plugin_utils/netloom_action.py. The config comes from templates/haproxy/haproxy_relay.cfg.j2, or from
 the task's `template` (the operator's own file, with the same variables: `config`, the validated
 relays model, and `marker`, which must stay the first line for state=absent to remove the file).
 """
@@ -11,11 +11,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the shared base beside this file
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _netloom_action import NetloomAction, normalised, render_file, template_path
+# The shared base lives in plugin_utils/ (an action plugin directory holds only plugins).
+PLUGIN_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin_utils")
+if PLUGIN_UTILS not in sys.path:
+    sys.path.insert(0, PLUGIN_UTILS)
 from ansible.module_utils.netloom import haproxy
 from ansible.module_utils.netloom.common import InputError
+from netloom_action import NetloomAction, normalised, render_file, template_path
 
 
 class ActionModule(NetloomAction):

@@ -1,6 +1,6 @@
 """Action plugin of wireguard_interface: renders the wg-quick config and the wireguard-go drop-in.
 
-See _netloom_action.py. The config comes from templates/wireguard/wg-quick.conf.j2, or from the
+See plugin_utils/netloom_action.py. The config comes from templates/wireguard/wg-quick.conf.j2, or from the
 task's `template` (the operator's own file, with the same variable `interface`). Neither holds
 key material: the private key stays in its 0600 file on the node and is loaded by PostUp.
 """
@@ -11,17 +11,19 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the shared base beside this file
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _netloom_action import (
+# The shared base lives in plugin_utils/ (an action plugin directory holds only plugins).
+PLUGIN_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin_utils")
+if PLUGIN_UTILS not in sys.path:
+    sys.path.insert(0, PLUGIN_UTILS)
+from ansible.module_utils.netloom import wireguard
+from ansible.module_utils.netloom.common import InputError
+from netloom_action import (
     NetloomAction,
     module_argument_spec,
     normalised,
     render_file,
     template_path,
 )
-from ansible.module_utils.netloom import wireguard
-from ansible.module_utils.netloom.common import InputError
 
 
 class ActionModule(NetloomAction):

@@ -1,6 +1,6 @@
 """Action plugin of wireguard_routes: the netloom-restore units, rendered on the controller.
 
-See _netloom_action.py. The module records them with its other arguments, so the boot replay
+See plugin_utils/netloom_action.py. The module records them with its other arguments, so the boot replay
 writes the same units.
 """
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import sys
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the shared base beside this file
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _netloom_action import NetloomAction
+# The shared base lives in plugin_utils/ (an action plugin directory holds only plugins).
+PLUGIN_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin_utils")
+if PLUGIN_UTILS not in sys.path:
+    sys.path.insert(0, PLUGIN_UTILS)
+from netloom_action import NetloomAction
 
 
 class ActionModule(NetloomAction):

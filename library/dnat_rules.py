@@ -456,8 +456,8 @@ def plan_rules(params: dict[str, Any]) -> list[DnatRule]:
         protocol = item.get("protocol") or "tcp"
         if protocol not in ("tcp", "udp"):
             raise InputError(f"{field}.protocol", protocol, "must be tcp or udp")
-        dest_ip = gateway if item.get("dest_ip") in (None, "") else destination_ip(f"{field}.dest_ip",
-                                                                                    item["dest_ip"])
+        dest_ip = (gateway if item.get("dest_ip") in (None, "")
+                   else destination_ip(f"{field}.dest_ip", item["dest_ip"]))
         dest_port = port(f"{field}.dest_port", item.get("dest_port"))
         to_port = dest_port if item.get("to_port") is None else port(f"{field}.to_port", item["to_port"])
         target = target_ip(f"{field}.to_ip", item.get("to_ip"))

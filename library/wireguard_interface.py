@@ -494,7 +494,8 @@ class WireguardInterface:
     def plan_present(self, plan: ChangePlan, link: LinkState | None, device: DeviceState | None,
                      implementation: str, key: KeyChoice) -> None:
         spec = self.spec
-        assert spec is not None
+        if spec is None:  # set by validation for every state=present run
+            raise AssertionError("spec is missing")
         self._plan_key_file(plan, key)
         if link is None:
             plan.add(f"{self.name} interface", "create", None, {"implementation": implementation},
@@ -517,7 +518,8 @@ class WireguardInterface:
         if link is None or not link.up:
             plan.add(f"{self.name} link", "update", {"up": False}, {"up": True},
                      lambda: self.nl.set_link(self.name, up=True))
-        assert self.config_text is not None
+        if self.config_text is None:  # set by validation for every state=present run
+            raise AssertionError("self.config_text is missing")
         self._plan_config(plan, self.config_text, preshared_keys_text(spec.peers))
 
     def _plan_key_file(self, plan: ChangePlan, key: KeyChoice) -> None:
@@ -538,7 +540,8 @@ class WireguardInterface:
     def _plan_peers(self, plan: ChangePlan, live_peers: dict[str, Any]) -> None:
         """Removals first (they may free allowed IPs the others take), then adds and updates."""
         spec = self.spec
-        assert spec is not None
+        if spec is None:  # set by validation for every state=present run
+            raise AssertionError("spec is missing")
         wanted = {peer.public_key for peer in spec.peers}
         last_declared = config_endpoints(read_text(self.config_path))
         for public_key, live in live_peers.items():
@@ -558,7 +561,8 @@ class WireguardInterface:
     def _plan_addresses(self, plan: ChangePlan, live: tuple[str, ...]) -> None:
         """Stale addresses go first: removing a primary address later would take new secondaries."""
         spec = self.spec
-        assert spec is not None
+        if spec is None:  # set by validation for every state=present run
+            raise AssertionError("spec is missing")
         if set(live) == set(spec.addresses):
             return
         stale = [address for address in live if address not in spec.addresses]
@@ -652,8 +656,8 @@ class WireguardInterface:
     def run(self) -> None:
         plan = ChangePlan()
         link = self.read_link()
-        base_result = {"name": self.name, "config_path": self.config_path, "key_path": self.key_path,
-                  "service_managed": self.manage_service}
+        base_result = {"name": self.name, "config_path": self.config_path,
+                       "key_path": self.key_path, "service_managed": self.manage_service}
         if self.state == "absent":
             self.plan_absent(plan, link)
             if link is not None:
@@ -661,7 +665,8 @@ class WireguardInterface:
             finish(self.module, plan, **base_result)
             return
         spec = self.spec
-        assert spec is not None
+        if spec is None:  # set by validation for every state=present run
+            raise AssertionError("spec is missing")
         device = self.read_device(link) if link else None
         implementation = link.implementation if link else (
             "kernel" if self.kernel_wireguard() else "wireguard-go")

@@ -415,7 +415,8 @@ class WireguardRoutes:
                                  "(at boot wg-quick creates it before the routes are replayed)")
             wanted = self.plan_pending(plan, result)
         elif self.state == "present":
-            assert index is not None
+            if index is None:  # set by validation for every state=present run
+                raise AssertionError("index is missing")
             self.require_wireguard(link)
             if not link.up:
                 raise CommandError(f"interface {self.name} is down; routes through it cannot be installed")

@@ -35,7 +35,7 @@ stage() {  # stage NAME COMMAND...: run one stage, count it, keep going
   if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); failures+=("$name"); fi
 }
 
-stage "ruff" ruff check library module_utils filter_plugins tests bench lab molecule
+stage "ruff" ruff check library module_utils filter_plugins action_plugins plugin_utils tests bench lab molecule
 stage "ansible-lint" ansible-lint -q roles playbooks molecule
 
 echo "=== pytest (unit + module tests)"

@@ -36,6 +36,8 @@ from ansible.module_utils.netloom.files import read_bytes, remove_file, write_fi
 from ansible.module_utils.netloom.systemd import booted, daemon_reload
 
 UNIT_DIR = "etc/systemd/system"
+# Entries and payloads are root's alone (0700 folders, 0600 files).
+STATE_DIR_MODE = 0o700
 RUNNER = "usr/lib/netloom/netloom-restore"
 EARLY_UNIT = "netloom-restore-early.service"
 LATE_UNIT = "netloom-restore-late.service"
@@ -180,7 +182,7 @@ def _unit_texts(entries: Mapping[str, Mapping[str, Any]], templates: Mapping[str
 
 
 def _plan_file(plan: ChangePlan, module: Any, key: str, path: str, wanted: bytes | None, mode: int = 0o644,
-               shown: str = "text") -> None:
+               shown: str = "text", dir_mode: int = 0o755) -> None:
     """One owned file to its wanted bytes (None: absent); diff shows text or a digest."""
     live = read_bytes(path)
     if live == wanted:
@@ -192,7 +194,8 @@ def _plan_file(plan: ChangePlan, module: Any, key: str, path: str, wanted: bytes
         return data.decode("utf-8", "replace") if shown == "text" else _digest(data)
 
     action = "create" if live is None else ("delete" if wanted is None else "update")
-    run = (lambda: remove_file(path)) if wanted is None else (lambda: write_file(module, path, wanted, mode))
+    run = ((lambda: remove_file(path)) if wanted is None
+           else (lambda: write_file(module, path, wanted, mode, dir_mode=dir_mode)))
     plan.add(key, action, view(live), view(wanted), run)
 
 
@@ -262,7 +265,7 @@ def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order
     payload_path = _path(restore.STATE_DIR, "payloads", f"{module_name}.zip")
     if not _zip_holds(payload_path, files):
         _plan_file(plan, module, f"restore payload {module_name}", payload_path, _zip_bytes(files),
-                   shown="digest")
+                   mode=0o600, shown="digest", dir_mode=STATE_DIR_MODE)
     entry_path = os.path.join(_entries_dir(), name)
     live = read_bytes(entry_path)
     if live != entry_bytes:
@@ -273,7 +276,7 @@ def plan_record(plan: ChangePlan, module: Any, module_name: str, key: str, order
             except ValueError:
                 before = live.decode("utf-8", "replace")
         plan.add(f"restore entry {name}", "create" if live is None else "update", before, args,
-                 lambda: write_file(module, entry_path, entry_bytes, 0o600))
+                 lambda: write_file(module, entry_path, entry_bytes, 0o600, dir_mode=STATE_DIR_MODE))
     _plan_units(plan, module, {**_other_entries(name), name: entry})
 
 
@@ -311,6 +314,6 @@ def plan_forget(plan: ChangePlan, module: Any, module_name: str, key: str, order
 
 # The option every recording module has: the unit texts its action plugin rendered.
 RESTORE_OPTION: dict[str, dict[str, Any]] = {
-    RENDERED_OPTION: {"type": "dict", "options": {"restore_early": {"type": "str"},
-                                                   "restore_late": {"type": "str"}}},
+    RENDERED_OPTION: {"type": "dict",
+                      "options": {"restore_early": {"type": "str"}, "restore_late": {"type": "str"}}},
 }

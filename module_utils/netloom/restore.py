@@ -27,31 +27,55 @@ ENTRY_GLOB = "*.json"
 PHASES = ("early", "late")
 
 
-def entries(root: str, phase: str) -> list[tuple[str, dict]]:
-    """The recorded entries of one phase, in their file-name order (ORDER-MODULE@KEY.json)."""
-    found = []
+# A replay that hangs must not hold Docker back for ever (the early phase runs before it).
+ENTRY_TIMEOUT_S = 300
+
+
+def entries(root: str, phase: str) -> list[tuple[str, dict | None]]:
+    """The recorded entries of one phase, in file-name order (ORDER-MODULE@KEY.json).
+
+    An entry that cannot be read is returned as None, so it is reported as failed and the
+    entries after it (the CVE-2020-8558 guard among them) still run.
+    """
+    found: list[tuple[str, dict | None]] = []
     for path in sorted(glob.glob(os.path.join(root, STATE_DIR, "entries", ENTRY_GLOB))):
-        with open(path, encoding="utf-8") as handle:
-            entry = json.load(handle)
-        if phase in entry.get("netloom_restore", {}).get("phases", []):
-            found.append((path, entry))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                entry = json.load(handle)
+            record = entry["netloom_restore"]
+            if phase in record["phases"]:
+                found.append((path, {"module": record["module"], "import": record["import"]}))
+        except (OSError, ValueError, KeyError, TypeError):
+            found.append((path, None))
     return found
 
 
+def replay_one(root: str, path: str, record: dict | None, python: str) -> dict:
+    """Run one entry's module from its recorded payload; its JSON result, or why it failed."""
+    if record is None:
+        return {"failed": True, "msg": "unreadable restore entry (not netloom's JSON)"}
+    payload = os.path.join(root, STATE_DIR, "payloads", f"{record['module']}.zip")
+    env = {**os.environ, "PYTHONPATH": payload}
+    try:
+        proc = subprocess.run([python, "-m", record["import"], path], env=env, capture_output=True,
+                              text=True, check=False, timeout=ENTRY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"failed": True, "msg": f"no result within {ENTRY_TIMEOUT_S} s"}
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        return {"failed": True, "msg": (proc.stderr or proc.stdout).strip()[-2000:]}
+    if proc.returncode != 0:
+        result["failed"] = True
+    return result
+
+
 def replay(root: str, phase: str, python: str = sys.executable) -> int:
-    """Run every entry of a phase; report each result; the exit code counts the failures."""
+    """Run every entry of a phase, each reported; the number of failures is returned."""
     failures = 0
-    for path, entry in entries(root, phase):
-        module = entry["netloom_restore"]["module"]
-        payload = os.path.join(root, STATE_DIR, "payloads", f"{module}.zip")
-        env = {**os.environ, "PYTHONPATH": payload}
-        proc = subprocess.run([python, "-m", entry["netloom_restore"]["import"], path], env=env,
-                              capture_output=True, text=True, check=False)
-        try:
-            result = json.loads(proc.stdout)
-        except ValueError:
-            result = {"failed": True, "msg": (proc.stderr or proc.stdout).strip()[-2000:]}
-        failed = proc.returncode != 0 or bool(result.get("failed"))
+    for path, record in entries(root, phase):
+        result = replay_one(root, path, record, python)
+        failed = bool(result.get("failed"))
         failures += failed
         status = "FAILED" if failed else ("changed" if result.get("changed") else "ok")
         detail = result.get("msg") if failed else ", ".join(result.get("changes", []))

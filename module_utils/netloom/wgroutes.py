@@ -21,6 +21,7 @@ FORBIDDEN = (
     (ipaddress.IPv4Network("240.0.0.0/4"), "inside 240.0.0.0/4 (reserved, incl. 255.255.255.255 broadcast)"),
 )
 
+
 @dataclass(frozen=True)
 class Verdict:
     """The decision for one CIDR as written, and why."""

@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import ipaddress
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -112,6 +113,18 @@ def format_endpoint(host: str, port_number: int) -> str:
     return f"[{host}]:{port_number}" if ":" in host else f"{host}:{port_number}"
 
 
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def split_endpoint(field_name: str, value: object) -> tuple[str, int]:
     """Split host:port or [v6]:port; the host may be a name, resolved later on the node."""
     text = str(value).strip()
@@ -126,6 +139,9 @@ def split_endpoint(field_name: str, value: object) -> tuple[str, int]:
             raise InputError(field_name, value, "expected host:port (IPv6 as [address]:port)")
     if not host:
         raise InputError(field_name, value, "endpoint host is empty")
+    if not _is_address(host) and (len(host) > 253 or not _HOSTNAME_RE.fullmatch(host)):
+        # The endpoint goes into the wg-quick config: a name is letters, digits, '-' and '.' only.
+        raise InputError(field_name, value, "endpoint host is neither an IP address nor a DNS name")
     try:
         return host, port(field_name, port_text)
     except InputError as err:

@@ -12,7 +12,7 @@ from ansible.module_utils import basic
 from ansible.module_utils.netloom import persist, restore
 from ansible.module_utils.netloom.common import ChangePlan, InputError, PlanFailure, finish
 
-from action_plugins._netloom_action import restore_units
+from plugin_utils.netloom_action import restore_units
 
 
 def failing_step() -> None:
@@ -104,9 +104,24 @@ def test_the_runner_replays_only_the_entries_of_its_phase(tmp_path: pathlib.Path
     folder.mkdir(parents=True)
     for name, phases in (("10-a@main.json", ["early"]), ("30-b@main.json", ["early", "late"]),
                          ("40-c@wg0.json", ["late"])):
-        (folder / name).write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {},
-                                               "netloom_restore": {"module": name, "phases": phases}}))
+        (folder / name).write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {}, "netloom_restore": {
+            "module": name, "import": f"ansible.legacy.{name}", "phases": phases}}))
     assert [os.path.basename(path) for path, _ in restore.entries(str(tmp_path), "early")] == [
         "10-a@main.json", "30-b@main.json"]
     assert [os.path.basename(path) for path, _ in restore.entries(str(tmp_path), "late")] == [
         "30-b@main.json", "40-c@wg0.json"]
+
+
+def test_an_unreadable_entry_fails_alone_and_the_later_ones_still_run(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A broken entry must not stop the phase: the CVE-2020-8558 guard is replayed after it."""
+    folder = tmp_path / restore.STATE_DIR / "entries"
+    folder.mkdir(parents=True)
+    (folder / "10-overlay_hub@main.json").write_text("{not json")
+    record = {"module": "dnat_rules", "import": "ansible.legacy.dnat_rules", "phases": ["early"]}
+    (folder / "30-dnat_rules@main.json").write_text(
+        json.dumps({"ANSIBLE_MODULE_ARGS": {}, "netloom_restore": record}))
+    assert restore.replay(str(tmp_path), "early") == 2  # the second has no payload here: it ran and failed
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("netloom-restore early: 10-overlay_hub@main.json: FAILED: unreadable")
+    assert out[1].startswith("netloom-restore early: 30-dnat_rules@main.json: FAILED")

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from action_plugins._netloom_action import render_file, template_path
 from filter_plugins.netloom import (
     FilterModule,
     netloom_edge_cni_reserved,
@@ -16,6 +15,7 @@ from filter_plugins.netloom import (
     netloom_edge_wg_address,
 )
 from filter_plugins.netloom import netloom_edge_cni_conflist as cni_values
+from plugin_utils.netloom_action import render_file, template_path
 
 BASE = "10.88.0.0/16"
 

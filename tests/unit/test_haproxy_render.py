@@ -19,7 +19,7 @@ from ansible.module_utils.netloom.haproxy import (
     service_actions,
 )
 
-from action_plugins._netloom_action import render_file, template_path
+from plugin_utils.netloom_action import render_file, template_path
 
 
 def render(config: RelayConfig) -> str:

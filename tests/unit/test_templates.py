@@ -18,8 +18,8 @@ from collections.abc import Callable
 import pytest
 from ansible.module_utils.netloom import haproxy, persist, wireguard
 
-from action_plugins._netloom_action import TEMPLATES_DIR, render_file, restore_units, template_path
 from filter_plugins.netloom import netloom_edge_cni_conflist
+from plugin_utils.netloom_action import TEMPLATES_DIR, render_file, restore_units, template_path
 
 SEED_RELAYS = {"relays": [
     {"name": "s3", "bind": "127.0.0.1:9000", "backend_host": "s3-storage", "backend_port": 9000},

@@ -20,11 +20,12 @@ from ansible.module_utils.netloom.wireguard import (
     redact_config,
     resolve_endpoint,
     sorted_networks,
+    split_endpoint,
     userspace_failure,
     wg_key,
 )
 
-from action_plugins._netloom_action import render_file, template_path
+from plugin_utils.netloom_action import render_file, template_path
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
 KEY_B = base64.b64encode(bytes(range(1, 33))).decode()
@@ -263,3 +264,19 @@ def test_wireguard_go_failure_is_its_error_lines_not_its_banner() -> None:
     assert userspace_failure("", "INFO: (wg0) starting\nfailed to open tun\n" + BANNER) == (
         "INFO: (wg0) starting; failed to open tun")
     assert userspace_failure("", BANNER) == "no error output"
+
+
+@pytest.mark.parametrize("endpoint", ["gw.example\nPostUp = touch /tmp/pwned:51820", "gw example:51820",
+                                      "gw;id:51820", "-gw.example:51820", "a..b:51820"])
+def test_an_endpoint_host_that_is_no_dns_name_is_refused(endpoint: str) -> None:
+    """The endpoint is written into the wg-quick config, which wg-quick runs through bash."""
+    with pytest.raises(InputError) as info:
+        split_endpoint("peers[0].endpoint", endpoint)
+    assert info.value.field_name == "peers[0].endpoint"
+    assert "neither an IP address nor a DNS name" in str(info.value)
+
+
+def test_names_and_addresses_are_endpoint_hosts() -> None:
+    assert split_endpoint("e", "gw-1.example.net:51820") == ("gw-1.example.net", 51820)
+    assert split_endpoint("e", "[2001:db8::1]:51820") == ("2001:db8::1", 51820)
+    assert split_endpoint("e", "192.0.2.1:51820") == ("192.0.2.1", 51820)
