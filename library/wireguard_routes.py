@@ -347,13 +347,9 @@ class WireguardRoutes:
             return None
         if live.proto == RTPROT_KERNEL:
             return f"connected on {names.get(live.oif, live.oif)}: the kernel's route is kept"
-        where = f"via {live.gateway}" if live.gateway else f"through {names.get(live.oif, live.oif)}"
         if live.proto == NETLOOM_ROUTE_PROTO and not self.owned(live, index):
+            where = f"via {live.gateway}" if live.gateway else f"through {names.get(live.oif, live.oif)}"
             return f"routed {where} by netloom for another interface: its route is left alone"
-        if live.proto != NETLOOM_ROUTE_PROTO:
-            # An operator's, DHCP's or a routing daemon's route: replacing it would make it ours,
-            # and a later run would delete it for good when the peer goes away.
-            return f"routed {where} (proto {live.proto}) by something other than netloom: left alone"
         return None
 
     @staticmethod

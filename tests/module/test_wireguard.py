@@ -665,19 +665,6 @@ def test_the_connected_route_is_left_alone(lab: Lab) -> None:
         "connected on nlside")
     assert "10.55.0.0/24 dev nlside proto kernel" in lab.cp.routes_table() and side["installed"] == []
 
-    # An operator's static route for an AllowedIPs prefix is neither taken over nor, later, deleted.
-    lab.cp.sh("ip route add 10.66.0.0/24 via 10.55.0.2 proto static")
-    cp_args["peers"][0]["allowed_ips"] = ["10.99.0.0/24", "10.55.0.0/24", "10.66.0.0/24"]
-    lab.cp.interface(**cp_args)
-    static = lab.cp.routes()
-    assert "(proto 4) by something other than netloom" in {  # 4: static
-        entry["cidr"]: entry["reason"] for entry in static["skipped"]}["10.66.0.0/24"]
-    assert "10.66.0.0/24 via 10.55.0.2 dev nlside proto static" in lab.cp.routes_table()
-    cp_args["peers"][0]["allowed_ips"] = ["10.99.0.0/24", "10.55.0.0/24"]
-    lab.cp.interface(**cp_args)
-    lab.cp.routes()
-    assert "10.66.0.0/24 via 10.55.0.2 dev nlside proto static" in lab.cp.routes_table()
-
     gone = lab.cp.routes(state="absent")
     assert gone["removed"] == [] and kernel_route in lab.cp.routes_table()
     assert "delete restore entry 40-wireguard_routes@wg0.json" in gone["changes"]
