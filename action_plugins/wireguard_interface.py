@@ -15,6 +15,8 @@ from typing import Any
 PLUGIN_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin_utils")
 if PLUGIN_UTILS not in sys.path:
     sys.path.insert(0, PLUGIN_UTILS)
+# Imported first (plain imports sort before from-imports): it makes ansible.module_utils.netloom importable.
+import netloom_action  # noqa: F401
 from ansible.module_utils.netloom import wireguard
 from ansible.module_utils.netloom.common import InputError
 from netloom_action import (
