@@ -15,18 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
+
 IFNAME_MAX = 15
 # What the kernel and every tool netloom feeds a name to accept: no ":" (the kernel refuses
 # it), no "/", no white space or control characters. Matched with fullmatch, never `$`.
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-# Addresses that can never be a unicast host on a network: what each is, for the message.
-_NOT_A_HOST = (
-    (ipaddress.IPv4Network("0.0.0.0/8"), "in 0.0.0.0/8 (this network)"),
-    (ipaddress.IPv4Network("127.0.0.0/8"), "a loopback address (127.0.0.0/8)"),
-    (ipaddress.IPv4Network("169.254.0.0/16"), "a link-local address (169.254.0.0/16)"),
-    (ipaddress.IPv4Network("224.0.0.0/4"), "a multicast address (224.0.0.0/4)"),
-    (ipaddress.IPv4Network("240.0.0.0/4"), "a reserved or broadcast address (240.0.0.0/4)"),
-)
 
 
 class InputError(ValueError):
@@ -164,9 +158,9 @@ def ipv4_address(field_name: str, value: Any) -> ipaddress.IPv4Address:
 
 def not_a_host_reason(address: ipaddress.IPv4Address) -> str | None:
     """Why an address cannot be a unicast host (None when it can)."""
-    for network, reason in _NOT_A_HOST:
+    for network, what in NO_HOST_NETWORKS:
         if address in network:
-            return reason
+            return f"in {network} ({what})"
     return None
 
 

@@ -3,6 +3,8 @@ so every module reads the same value under the same name. A link's up state (IFF
 number: the seam reads it from iproute2's flags."""
 from __future__ import annotations
 
+import ipaddress
+
 # Routing tables (rtm_table).
 MAIN_TABLE = 254
 
@@ -24,3 +26,13 @@ RTN_UNICAST = 1  # route type (rtm_type)
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+
+# IPv4 ranges no unicast host ever holds, with what each is: never an underlay address, a VXLAN
+# remote, an endpoint or a tunnel route, and never part of an overlay.
+NO_HOST_NETWORKS = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "this network"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "loopback"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "multicast"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "reserved and broadcast"),
+)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ansible.module_utils.netloom.common import InputError, int_range, ipv4_address, unicast_host
+from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
 
 # The hub's address on a runner subnet is offset+254 (the seed's 10.N.0.254); a subnet
 # too small to hold it (SUBNET_BITS < 8) uses its last usable address instead.
@@ -23,15 +24,6 @@ MIN_SUBNET_BITS = 2  # network, gateway, hub address and broadcast need 4 addres
 VNI_MAX = 16777215
 STATE_VERSION = 1
 _PLAN_RE = re.compile(r"\s*([0-9.]+)/(\d+)/(\d+)/(\d+)\s*")
-# Ranges no overlay may touch: it would be routed, forwarded and masqueraded as a whole,
-# so any overlap hijacks loopback, link-local, multicast or reserved traffic.
-RESERVED_NETWORKS = (
-    (ipaddress.IPv4Network("0.0.0.0/8"), "0.0.0.0/8 (this network)"),
-    (ipaddress.IPv4Network("127.0.0.0/8"), "127.0.0.0/8 (loopback)"),
-    (ipaddress.IPv4Network("169.254.0.0/16"), "169.254.0.0/16 (link-local)"),
-    (ipaddress.IPv4Network("224.0.0.0/4"), "224.0.0.0/4 (multicast)"),
-    (ipaddress.IPv4Network("240.0.0.0/4"), "240.0.0.0/4 (reserved and broadcast)"),
-)
 # Runner names (inventory hostnames) go into the state file and messages: no white space,
 # control characters or quotes; matched with fullmatch so a trailing newline is refused.
 _RUNNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,252}")
@@ -138,9 +130,11 @@ class AddressPlan:
         if prefix_len == 0:
             raise InputError(field_name, text, "the overlay 0.0.0.0/0 is the default route: it would "
                                                "replace the node's default route and forward everything")
-        for reserved, what in RESERVED_NETWORKS:
+        # The overlay is routed, forwarded and masqueraded as a whole: any overlap with a range
+        # no host holds would hijack loopback, link-local, multicast or reserved traffic.
+        for reserved, what in NO_HOST_NETWORKS:
             if network.overlaps(reserved):
-                raise InputError(field_name, text, f"the overlay {network} overlaps {what}")
+                raise InputError(field_name, text, f"the overlay {network} overlaps {reserved} ({what})")
         return cls(address, prefix_len, nodes, host_bits)
 
     def __str__(self) -> str:

@@ -10,16 +10,10 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
+
 RFC1918 = tuple(ipaddress.IPv4Network(net) for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
-# Never routable into a tunnel, whatever an allow list says. Checked before anything else.
-FORBIDDEN = (
-    (ipaddress.IPv4Network("0.0.0.0/8"), "inside 0.0.0.0/8 (this network / unspecified)"),
-    (ipaddress.IPv4Network("127.0.0.0/8"), "inside 127.0.0.0/8 (loopback)"),
-    (ipaddress.IPv4Network("169.254.0.0/16"), "inside 169.254.0.0/16 (link-local)"),
-    (ipaddress.IPv4Network("224.0.0.0/4"), "inside 224.0.0.0/4 (multicast)"),
-    (ipaddress.IPv4Network("240.0.0.0/4"), "inside 240.0.0.0/4 (reserved, incl. 255.255.255.255 broadcast)"),
-)
 
 
 @dataclass(frozen=True)
@@ -44,9 +38,10 @@ def forbidden_reason(network: ipaddress.IPv4Network) -> str | None:
     """Why an IPv4 network may never be routed, or None when it is not forbidden."""
     if network.prefixlen == 0:
         return "default route (0.0.0.0/0) would send all traffic into the tunnel"
-    for block, reason in FORBIDDEN:
+    # Never routable into a tunnel, whatever an allow list says. Checked before anything else.
+    for block, what in NO_HOST_NETWORKS:
         if network.subnet_of(block):
-            return reason
+            return f"inside {block} ({what})"
     return None
 
 

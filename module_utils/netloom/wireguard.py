@@ -35,6 +35,7 @@ from ansible.module_utils.netloom.common import (
     port,
     run_command,
 )
+from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
 from ansible.module_utils.netloom.files import read_text, remove_dropin, remove_file, write_file
 
 KEY_BYTES = 32
@@ -52,9 +53,6 @@ PRESHARED_KEYS_HEADER = ("# Managed by netloom (wireguard_interface): preshared 
 # the declaration changed since the last run (a peer behind NAT that roamed is left alone);
 # `always` resets any other live endpoint on every run.
 ENDPOINT_POLICIES = ("on_change", "always")
-# IPv4 ranges that no host holds (common.not_a_host_reason names them).
-_NOT_A_HOST = tuple(ipaddress.IPv4Network(net) for net in
-                    ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
 # IPv6 ranges that can never be a peer's endpoint or an interface or peer address.
 _NOT_A_HOST_V6 = (
     (ipaddress.IPv6Network("::/128"), "the unspecified address (::)"),
@@ -95,8 +93,8 @@ def network_reason(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> st
     reason = address_reason(network.network_address)
     if reason is None:
         return None
-    blocks = _NOT_A_HOST if network.version == 4 else tuple(block for block, _ in _NOT_A_HOST_V6)
-    return reason if any(network.subnet_of(block) for block in blocks) else None  # type: ignore[arg-type]
+    blocks = NO_HOST_NETWORKS if network.version == 4 else _NOT_A_HOST_V6
+    return reason if any(network.subnet_of(block) for block, _ in blocks) else None  # type: ignore[arg-type]
 
 
 def network_sort_key(text: str) -> tuple[int, int, int]:
