@@ -407,10 +407,21 @@ def target_ip(field: str, value: Any) -> str | None:
     return str(address)
 
 
-def rule_name(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-        raise InputError(field, value, "names are 1..32 of a-z 0-9 _ - (starting alphanumeric)")
-    return value
+def named_flow(field: str, item: Any, taken: set[str], taken_reason: str) -> tuple[str, str]:
+    """The name (unique among `taken`, which it joins) and protocol of one rules[N] or
+    forward_accept[N] entry."""
+    if not isinstance(item, dict):
+        raise InputError(field, item, "must be a dict")
+    name = item.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InputError(f"{field}.name", name, "names are 1..32 of a-z 0-9 _ - (starting alphanumeric)")
+    if name in taken:
+        raise InputError(f"{field}.name", name, taken_reason)
+    taken.add(name)
+    protocol = item.get("protocol") or "tcp"
+    if protocol not in ("tcp", "udp"):
+        raise InputError(f"{field}.protocol", protocol, "must be tcp or udp")
+    return name, protocol
 
 
 def _checked(field: str, spec: str) -> None:
@@ -447,15 +458,7 @@ def plan_rules(params: dict[str, Any]) -> list[DnatRule]:
     names = {name for name, _, _, _ in seeds}
     for index, item in enumerate(extra):
         field = f"rules[{index}]"
-        if not isinstance(item, dict):
-            raise InputError(field, item, "must be a dict")
-        name = rule_name(f"{field}.name", item.get("name"))
-        if name in names:
-            raise InputError(f"{field}.name", name, "name already used (s3, db and vl are the seed's)")
-        names.add(name)
-        protocol = item.get("protocol") or "tcp"
-        if protocol not in ("tcp", "udp"):
-            raise InputError(f"{field}.protocol", protocol, "must be tcp or udp")
+        name, protocol = named_flow(field, item, names, "name already used (s3, db and vl are the seed's)")
         dest_ip = (gateway if item.get("dest_ip") in (None, "")
                    else destination_ip(f"{field}.dest_ip", item["dest_ip"]))
         dest_port = port(f"{field}.dest_port", item.get("dest_port"))
@@ -522,15 +525,7 @@ def forward_accepts(items: Any) -> list[ForwardAccept]:
     names: set[str] = set()
     for index, item in enumerate(items):
         field = f"forward_accept[{index}]"
-        if not isinstance(item, dict):
-            raise InputError(field, item, "must be a dict")
-        name = rule_name(f"{field}.name", item.get("name"))
-        if name in names:
-            raise InputError(f"{field}.name", name, "name already used")
-        names.add(name)
-        protocol = item.get("protocol") or "tcp"
-        if protocol not in ("tcp", "udp"):
-            raise InputError(f"{field}.protocol", protocol, "must be tcp or udp")
+        name, protocol = named_flow(field, item, names, "name already used")
         flow = ForwardAccept(name, ifname(f"{field}.in_interface", item.get("in_interface")),
                              ifname(f"{field}.out_interface", item.get("out_interface")), protocol,
                              port(f"{field}.dest_port", item.get("dest_port")))
