@@ -174,6 +174,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom.common import InputError, ifname, port
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
+from ansible.module_utils.netloom.mesh import MeshEntries, MeshPeer, check_mesh_vni, parse_peers, vtep_mac
 from ansible.module_utils.netloom.netlink import Link, Snapshot, Vxlan, run_with_netlink
 from ansible.module_utils.netloom.overlay import (
     OverlayManager,
@@ -192,9 +193,26 @@ from ansible.module_utils.netloom.sysctl import plan_sysctls
 
 FORWARD_CHAIN = "NETLOOM-OVLRUN-FWD"
 NAT_CHAIN = "NETLOOM-OVLRUN-NAT"
+INPUT_CHAIN = "NETLOOM-OVLRUN-IN"
 
 
-def owned_chains(overlay: str | None, bridge: str, vxlan: str) -> list[OwnedChain]:
+def vxlan_input_chain(underlay_ip: str | None, port: int, senders: list[str]) -> OwnedChain:
+    """Direct mode: VXLAN to this runner's underlay IP only from the hub and the declared peers.
+
+    A VXLAN device decapsulates whatever arrives on its port with its VNI, whoever sent it; with
+    a mesh, any host on the underlay could inject frames into the overlay as a peer. The UDP
+    port is netloom's on the underlay address (both VXLAN links listen there), so every other
+    sender is dropped before decapsulation. Without `underlay_ip` (hub mode, absent) the chain
+    is not wanted.
+    """
+    rules: tuple[str, ...] = ()
+    if underlay_ip is not None:
+        match = f"-d {underlay_ip}/32 -p udp -m udp --dport {port}"
+        rules = (*(f"-s {sender}/32 {match} -j RETURN" for sender in senders), f"{match} -j DROP")
+    return OwnedChain("filter", INPUT_CHAIN, ("INPUT",), rules)
+
+
+def owned_chains(overlay: str | None, bridge: str, vxlan: str, mesh: str | None = None) -> list[OwnedChain]:
     """The runner's chains; without a plan (absent) their rules do not matter.
 
     FORWARD accepts what comes in on the overlay interfaces from the overlay, and towards them
@@ -204,14 +222,16 @@ def owned_chains(overlay: str | None, bridge: str, vxlan: str) -> list[OwnedChai
     Docker's FORWARD policy is (it is ACCEPT when ip_forward was already 1 as Docker started,
     which the boot replay makes the normal case). vxlan0 is a port of the bridge, so routed
     traffic shows the bridge; vxlan0 is listed for the moments it is not enslaved. MASQUERADE
-    covers overlay traffic leaving through a non-overlay interface.
+    covers overlay traffic leaving through a non-overlay interface. In direct mode the `mesh`
+    device is an overlay interface too (traffic from the direct peers comes in on it).
     """
     forward: tuple[str, ...] = ()
     nat: tuple[str, ...] = ()
     if overlay is not None:
-        forward = (*(f"-i {name} -s {overlay} -j ACCEPT" for name in (bridge, vxlan)),
+        overlay_links = (bridge, vxlan) if mesh is None else (bridge, vxlan, mesh)
+        forward = (*(f"-i {name} -s {overlay} -j ACCEPT" for name in overlay_links),
                    *(f"-o {name} -d {overlay} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-                     for name in (bridge, vxlan)),
+                     for name in overlay_links),
                    f"-o {bridge} -m conntrack --ctstate DNAT -j RETURN",
                    f"-o {bridge} -j DROP")
         nat = (f"-s {overlay} ! -d {overlay} ! -o {bridge} -j MASQUERADE",)
@@ -234,6 +254,10 @@ class OverlayRunner(OverlayManager):
         self.vxlan = ifname("vxlan_name", params["vxlan_name"])
         if self.bridge == self.vxlan:
             raise InputError("vxlan_name", self.vxlan, "must differ from bridge_name")
+        self.mesh = ifname("mesh_name", params["mesh_name"])
+        if self.mesh in (self.bridge, self.vxlan):
+            raise InputError("mesh_name", self.mesh, "must differ from bridge_name and vxlan_name")
+        self.direct = params["overlay_mode"] == "direct"
         self.address_plan = AddressPlan.from_value(params["plan"]) if params["plan"] is not None else None
         if params["state"] == "absent":
             return
@@ -248,9 +272,17 @@ class OverlayRunner(OverlayManager):
         self.underlay_ip = address_plan.underlay_address("underlay_ip", params["underlay_ip"])
         if self.hub_ip == self.underlay_ip:
             raise InputError("hub_underlay_ip", str(self.hub_ip), "is this runner's own underlay_ip")
+        self.peers: list[MeshPeer] = []
+        if self.direct:
+            self.mesh_vni = check_mesh_vni("mesh_vni", params["mesh_vni"], address_plan, params["vni_base"])
+            if params["mesh_peers"] is None:
+                raise InputError("mesh_peers", None, "is required with overlay_mode=direct (the direct-mode "
+                                                     "runners, this one included or not)")
+            self.peers = parse_peers("mesh_peers", params["mesh_peers"], address_plan, self.runner_id,
+                                     self.underlay_ip, self.hub_ip)
 
     def always_returned(self) -> dict[str, Any]:
-        return {"bridge": self.bridge, "vxlan": self.vxlan}
+        return {"bridge": self.bridge, "vxlan": self.vxlan, "overlay_mode": self.params["overlay_mode"]}
 
     def plan_present(self, snapshot: Snapshot) -> dict[str, Any]:
         addressing = self.addressing
@@ -263,9 +295,12 @@ class OverlayRunner(OverlayManager):
             raise InputError("bridge_name", self.bridge, f"exists as a {bridge.kind or 'physical'} link, "
                                                          "not a bridge; netloom will not replace a link it "
                                                          "does not own")
-        check_overlay_routes(snapshot, "plan", self.params["plan"], overlay, {self.bridge, self.vxlan})
+        owned = {self.bridge, self.vxlan, self.mesh}
+        check_overlay_routes(snapshot, "plan", self.params["plan"], overlay, owned)
 
-        check_vni_free(snapshot, "vni_base", {self.vni: self.vxlan}, self.port, {self.vxlan})
+        check_vni_free(snapshot, "vni_base", {self.vni: self.vxlan}, self.port, owned)
+        if self.direct:
+            check_vni_free(snapshot, "mesh_vni", {self.mesh_vni: self.mesh}, self.port, owned)
 
         self.plan.extend(plan_sysctls({"net.ipv4.ip_forward": "1"}))
         desired_bridge = {"kind": "bridge", "mtu": mtu, "up": True}
@@ -287,10 +322,19 @@ class OverlayRunner(OverlayManager):
                                  fresh=bridge is None)
         self.plan_route(snapshot, overlay, addressing.hub_address,
                         rebuilt=any(addressing.hub_address in interface.network for interface in removed))
-        self.plan.extend(plan_chains(owned_chains(str(overlay), self.bridge, self.vxlan)))
+        mesh = self.plan_mesh(snapshot, mtu) if self.direct else self.plan_mesh_absent(snapshot)
+        overlay_links = [self.bridge, self.vxlan, self.mesh] if self.direct else [self.bridge, self.vxlan]
+        senders = [str(self.hub_ip), *(str(peer.underlay_ip) for peer in self.peers)]
+        self.plan.extend(plan_chains(owned_chains(str(overlay), self.bridge, self.vxlan,
+                                                  self.mesh if self.direct else None)))
+        input_chain = vxlan_input_chain(str(self.underlay_ip), self.port, senders)
+        self.plan.extend(plan_chains([input_chain], "present" if self.direct else "absent"))
         if self.params["firewalld"] == "auto":
-            self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan], "present"))
+            self.plan.extend(plan_trusted_interfaces(overlay_links, "present"))
+            if not self.direct:
+                self.plan.extend(plan_trusted_interfaces([self.mesh], "absent"))
         return {
+            "mesh": mesh,
             "runner": {
                 "id": self.runner_id, "vni": self.vni, "subnet": str(addressing.subnet),
                 "gateway": str(addressing.gateway), "hub_address": str(addressing.hub_address),
@@ -300,6 +344,35 @@ class OverlayRunner(OverlayManager):
             "overlay": str(overlay), "mtu": mtu,
         }
 
+    def plan_mesh(self, snapshot: Snapshot, mtu: int) -> dict[str, Any]:
+        """The mesh device and, per other direct-mode runner, its route, neighbour and FDB entry.
+
+        Returns the peer table (what the play shows as the mesh).
+        """
+        current = snapshot.link(self.mesh)
+        if current is not None and current.kind != "vxlan":
+            raise InputError("mesh_name", self.mesh, f"exists as a {current.kind or 'physical'} link, not a "
+                                                     "VXLAN link netloom made; pick another mesh_name")
+        mac = vtep_mac(self.runner_id)
+        want = Vxlan(vni=self.mesh_vni, local=self.underlay_ip, remote=None, port=self.port, learning=False)
+        fresh = plan_vxlan(self.plan, self.nl, snapshot, self.mesh, want, mtu, address=mac)
+        entries = MeshEntries(self.plan, self.nl, snapshot, self.mesh, self.addressing.gateway, fresh)
+        entries.converge(self.peers)
+        return {"device": self.mesh, "vni": self.mesh_vni, "mac": mac, "vtep": str(self.addressing.gateway),
+                "peers": [peer.describe() for peer in self.peers]}
+
+    def plan_mesh_absent(self, snapshot: Snapshot) -> None:
+        """Hub mode: a mesh device left from direct mode goes (its routes, neighbours, FDB with it)."""
+        current = snapshot.link(self.mesh)
+        if current is None:
+            return
+        if current.kind != "vxlan":
+            self.module.warn(f"{self.mesh} is a {current.kind or 'physical'} link, not netloom's mesh "
+                             "VXLAN link: left alone")
+            return
+        self.plan.add(f"link {self.mesh}", "delete", describe_link(current, snapshot), None,
+                      lambda: self.nl.delete_link(self.mesh))
+
     def check_links_are_ours(self, snapshot: Snapshot, underlay: Link) -> None:
         """Refuse, before any change, a bridge_name or vxlan_name that names someone else's link.
 
@@ -307,7 +380,8 @@ class OverlayRunner(OverlayManager):
         the overlay and its ports are vxlan_name and veths (containers); the underlay's own
         interface, or a bridge with a NIC or foreign addresses, would be taken over.
         """
-        for field, name in (("bridge_name", self.bridge), ("vxlan_name", self.vxlan)):
+        named = (("bridge_name", self.bridge), ("vxlan_name", self.vxlan), ("mesh_name", self.mesh))
+        for field, name in named:
             if name == underlay.name:
                 raise InputError(field, name, f"is the interface holding underlay_ip {self.underlay_ip}: "
                                               "netloom would take the node's underlay over")
@@ -344,6 +418,7 @@ class OverlayRunner(OverlayManager):
                       lambda: self.nl.replace_route(overlay, hub_address, self.bridge))
 
     def plan_absent(self, snapshot: Snapshot) -> None:
+        self.plan_mesh_absent(snapshot)
         vxlan = snapshot.link(self.vxlan)
         if vxlan is not None:
             if vxlan.kind == "vxlan":
@@ -369,9 +444,10 @@ class OverlayRunner(OverlayManager):
                                           None, lambda route=route: self.nl.delete_route(route))
         elif bridge is not None:
             self.module.warn(f"{self.bridge} is a {bridge.kind or 'physical'} link, not a bridge: left alone")
-        self.plan.extend(plan_chains(owned_chains(None, self.bridge, self.vxlan), "absent"))
+        self.plan.extend(plan_chains([*owned_chains(None, self.bridge, self.vxlan),
+                                      vxlan_input_chain(None, 0, [])], "absent"))
         if self.params["firewalld"] == "auto":
-            self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan], "absent"))
+            self.plan.extend(plan_trusted_interfaces([self.bridge, self.vxlan, self.mesh], "absent"))
 
 
 def main() -> None:
@@ -385,6 +461,10 @@ def main() -> None:
             "vxlan_name": {"type": "str", "default": "vxlan0"},
             "bridge_name": {"type": "str", "default": "kohaku-overlay"},
             **overlay_options("firewalld"),
+            "overlay_mode": {"type": "str", "choices": ["hub", "direct"], "default": "hub"},
+            "mesh_name": {"type": "str", "default": "kohaku-mesh"},
+            "mesh_vni": {"type": "int", "default": 1},
+            "mesh_peers": {"type": "list", "elements": "raw"},
         },
         supports_check_mode=True,
     )

@@ -21,6 +21,7 @@ SCOPE_LINK = 253
 SCOPE_NOWHERE = 255  # in a delete request: match any scope, as `ip route del` does
 
 RTN_UNICAST = 1  # route type (rtm_type)
+RTNH_F_ONLINK = 4  # route flag: the gateway is on the link (`ip route ... onlink`)
 
 # Neighbour states and flags (ndm_state, ndm_flags).
 NUD_NOARP = 0x40

@@ -32,6 +32,7 @@ from ansible.module_utils.netloom.constants import (
     NUD_NOARP,
     NUD_PERMANENT,
     RTN_UNICAST,
+    RTNH_F_ONLINK,
     RTPROT_BOOT,
     SCOPE_NOWHERE,
     SCOPE_UNIVERSE,
@@ -89,6 +90,7 @@ class Link:
     up: bool           # administratively up (IFF_UP)
     master: int | None
     vxlan: Vxlan | None = None
+    address: str | None = None  # link-layer (MAC) address, lower case
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class Route:
     proto: int = RTPROT_BOOT
     table: int = MAIN_TABLE
     scope: int = SCOPE_UNIVERSE
+    prefsrc: ipaddress.IPv4Address | None = None  # source address for locally sent packets
+    onlink: bool = False  # the gateway is on the link without a route to it (RTNH_F_ONLINK)
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def parse_links(entries: list[dict[str, Any]]) -> list[Link]:
         links.append(Link(index=entry["ifindex"], name=entry["ifname"], kind=kind, mtu=entry["mtu"],
                           up="UP" in entry.get("flags", []),
                           master=index_of.get(entry["master"]) if "master" in entry else None,
-                          vxlan=vxlan))
+                          vxlan=vxlan, address=entry.get("address")))
     return links
 
 
@@ -251,7 +255,9 @@ def parse_routes(entries: list[dict[str, Any]], table: int, index_of: dict[str, 
                             priority=int(entry.get("metric", 0)),
                             proto=int(entry.get("protocol", RTPROT_BOOT)),
                             table=int(entry.get("table", table)),
-                            scope=int(entry.get("scope", SCOPE_UNIVERSE))))
+                            scope=int(entry.get("scope", SCOPE_UNIVERSE)),
+                            prefsrc=_ipv4_or_none(entry.get("prefsrc")),
+                            onlink="onlink" in entry.get("flags", [])))
     return routes
 
 
@@ -385,11 +391,14 @@ class Netlink:
         state = {"state": "up"} if up else {}
         self._call(f"add {kind} link {name}", "link", "add", ifname=name, kind=kind, **state, **attributes)
 
-    def add_vxlan(self, name: str, vxlan: Vxlan, mtu: int, master: str | None = None) -> None:
-        """Create a VXLAN link already up, with its MTU and (optionally) its bridge, in one request."""
+    def add_vxlan(self, name: str, vxlan: Vxlan, mtu: int, master: str | None = None,
+                  address: str | None = None) -> None:
+        """Create a VXLAN link already up, with its MTU (optionally bridge and MAC), in one request."""
         extra: dict[str, Any] = {}
         if master is not None:
             extra["master"] = self.index_of(master)
+        if address is not None:
+            extra["address"] = address
         self.add_link(name, "vxlan", vxlan_id=vxlan.vni, vxlan_local=_text(vxlan.local),
                       vxlan_group=_text(vxlan.remote), vxlan_port=vxlan.port,
                       vxlan_learning=int(vxlan.learning), mtu=mtu, **extra)
@@ -414,10 +423,12 @@ class Netlink:
         return "bridge"
 
     def set_link(self, name: str, mtu: int | None = None, master: str | None = None,
-                 up: bool | None = None) -> None:
+                 up: bool | None = None, address: str | None = None) -> None:
         changes: dict[str, Any] = {}
         if mtu is not None:
             changes["mtu"] = mtu
+        if address is not None:
+            changes["address"] = address
         if master is not None:
             changes["master"] = self.index_of(master)
         if up is not None:
@@ -447,9 +458,10 @@ class Netlink:
 
     def replace_route(self, dst: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None = None,
                       device: str | None = None, proto: int | None = None, table: int = MAIN_TABLE,
-                      scope: int | None = None) -> None:
-        """`ip route replace DST [via GW] [dev DEVICE] [proto P] [table T] [scope S]`: idempotent,
-        and errors are raised, not swallowed."""
+                      scope: int | None = None, prefsrc: ipaddress.IPv4Address | None = None,
+                      onlink: bool = False) -> None:
+        """`ip route replace DST [via GW] [dev DEVICE] [onlink] [src SRC] [proto P] [table T] [scope S]`:
+        idempotent, and errors are raised, not swallowed."""
         request: dict[str, Any] = {"dst": str(dst.network_address), "dst_len": dst.prefixlen, "table": table}
         if gateway is not None:
             request["gateway"] = str(gateway)
@@ -459,6 +471,10 @@ class Netlink:
             request["proto"] = proto
         if scope is not None:
             request["scope"] = scope
+        if prefsrc is not None:
+            request["prefsrc"] = str(prefsrc)
+        if onlink:
+            request["flags"] = RTNH_F_ONLINK
         what = (f"replace route {dst}" + (f" via {gateway}" if gateway else "")
                 + (f" dev {device}" if device else ""))
         self._call(what, "route", "replace", **request)

@@ -187,17 +187,23 @@ def describe_link(link: Link | None, snapshot: Snapshot) -> dict[str, Any] | Non
 
 
 def plan_vxlan(plan: ChangePlan, nl: Netlink, snapshot: Snapshot, name: str, want: Vxlan,
-               mtu: int, master: str | None = None) -> bool:
+               mtu: int, master: str | None = None, address: str | None = None) -> bool:
     """Converge one VXLAN link: create it, recreate it when its tunnel identity differs, else fix in place.
 
     VNI, local, remote, port and learning define the tunnel: a difference means a new link
-    (the kernel cannot change all of them in place). MTU, master and up are fixed in place.
-    Returns True when the link is (re)created, i.e. starts without addresses.
+    (the kernel cannot change all of them in place). MTU, master, MAC `address` and up are fixed
+    in place. Returns True when the link is (re)created, i.e. starts without addresses (and,
+    for the mesh device, without neighbours and FDB entries).
     """
     current = snapshot.link(name)
     desired: dict[str, Any] = {"kind": "vxlan", "mtu": mtu, "up": True, **want.describe()}
+    before = describe_link(current, snapshot)
     if master is not None:
         desired["master"] = master
+    if address is not None:
+        desired["address"] = address
+        if before is not None and current is not None:
+            before["address"] = current.address
     if current is not None and current.kind != "vxlan":
         raise CommandError(f"link {name} exists as a {current.kind or 'physical'} link, not a VXLAN "
                            "link netloom made; remove or rename it first")
@@ -205,9 +211,8 @@ def plan_vxlan(plan: ChangePlan, nl: Netlink, snapshot: Snapshot, name: str, wan
         def recreate() -> None:
             if current is not None:
                 nl.delete_link(name)
-            nl.add_vxlan(name, want, mtu, master)
-        plan.add(f"link {name}", "create" if current is None else "update",
-                 describe_link(current, snapshot), desired, recreate)
+            nl.add_vxlan(name, want, mtu, master, address)
+        plan.add(f"link {name}", "create" if current is None else "update", before, desired, recreate)
         return True
     master_index = snapshot.links[master].index if master in snapshot.links else None
     fixes: dict[str, Any] = {}
@@ -215,10 +220,12 @@ def plan_vxlan(plan: ChangePlan, nl: Netlink, snapshot: Snapshot, name: str, wan
         fixes["mtu"] = mtu
     if master is not None and (master_index is None or current.master != master_index):
         fixes["master"] = master
+    if address is not None and current.address != address:
+        fixes["address"] = address
     if not current.up:
         fixes["up"] = True
     if fixes:
-        plan.add(f"link {name}", "update", describe_link(current, snapshot), desired,
+        plan.add(f"link {name}", "update", before, desired,
                  lambda: nl.set_link(name, **fixes))
     return False
 
