@@ -399,9 +399,10 @@ class Netlink:
             extra["master"] = self.index_of(master)
         if address is not None:
             extra["address"] = address
+        if vxlan.remote is not None:  # without one (a mesh device), the FDB says where frames go
+            extra["vxlan_group"] = str(vxlan.remote)
         self.add_link(name, "vxlan", vxlan_id=vxlan.vni, vxlan_local=_text(vxlan.local),
-                      vxlan_group=_text(vxlan.remote), vxlan_port=vxlan.port,
-                      vxlan_learning=int(vxlan.learning), mtu=mtu, **extra)
+                      vxlan_port=vxlan.port, vxlan_learning=int(vxlan.learning), mtu=mtu, **extra)
 
     def add_bridge(self, name: str, mtu: int | None = None) -> None:
         self.add_link(name, "bridge", **({"mtu": mtu} if mtu else {}))
