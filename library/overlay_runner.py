@@ -34,6 +34,20 @@ description:
     (early, before Docker) so the bridge, vxlan0, the address, the route, the chains and ip_forward
     survive a reboot; C(state=absent) removes that record. A run that fails part-way reports
     C(changed), the steps done (C(changes)) and C(failed_step).
+  - "Direct mode (I(overlay_mode=direct)): runner-to-runner traffic skips the hub. One more VXLAN
+    link I(mesh_name) (VNI I(mesh_vni), local I(underlay_ip), no remote, learning off, MAC
+    C(02:6e) + the runner id as 4 bytes, I(mtu), up, not on the bridge). For every other runner M in
+    I(mesh_peers) - a route to M's subnet via M's gateway address on the mesh link (onlink, source
+    this runner's gateway, proto 250), a permanent neighbour entry for that address with M's MAC and
+    a permanent FDB entry sending M's MAC to M's underlay IP. Routes, IPv4 neighbours and FDB entries
+    on the mesh link that no declared peer needs are removed. vxlan0 and the route to the hub stay, so
+    the hub anchor and hub-mode runners are still reached through the hub (a cluster can move runner
+    by runner; the hub's routes are the same for both kinds)."
+  - "In direct mode the mesh link is an overlay interface of C(NETLOOM-OVLRUN-FWD) and of firewalld's
+    trusted zone, and netloom-owned C(NETLOOM-OVLRUN-IN) (INPUT) accepts UDP I(port) to I(underlay_ip)
+    only from the hub and the declared peers (a VXLAN link decapsulates whatever arrives with its
+    VNI, so an undeclared underlay host could otherwise inject frames). Hub mode removes the mesh
+    link and that chain."
   - Links this module does not own (Docker's veths on the bridge, anything else) are never touched.
   - C(state=absent) removes vxlan0, the chains and their jumps and the firewalld entries, and the
     bridge when nothing else is attached to it. A bridge that still has other ports (a Docker
@@ -91,6 +105,41 @@ options:
     type: str
     choices: [auto, never]
     default: auto
+  overlay_mode:
+    description:
+      - C(hub) - everything goes through the hub (KohakuRiver's hub and spokes).
+      - C(direct) - also a mesh VXLAN link straight to the other direct-mode runners (I(mesh_peers)).
+    type: str
+    choices: [hub, direct]
+    default: hub
+  mesh_name:
+    description:
+      - Name of the mesh VXLAN link (direct mode); removed by name in hub mode and with C(state=absent).
+    type: str
+    default: kohaku-mesh
+  mesh_vni:
+    description:
+      - VNI of the mesh link, 1..16777215; it must not be a hub VNI of the plan
+        (I(vni_base)..I(vni_base)+2**NODE_BITS-1).
+    type: int
+    default: 1
+  mesh_peers:
+    description:
+      - The direct-mode runners, the whole set (the same list on every runner; this runner may be
+        in it, with its own underlay IP). Required with I(overlay_mode=direct).
+      - Ids and underlay IPs must be unique and an underlay IP may not be the hub's.
+    type: list
+    elements: dict
+    suboptions:
+      id:
+        description: The runner's id (from the hub's table); needed.
+        type: int
+      underlay_ip:
+        description: The runner's underlay IPv4 address (its VXLAN endpoint); needed.
+        type: str
+      name:
+        description: The runner's name, for the returned peer table.
+        type: str
   rendered:
     description:
       - Set by netloom's action plugin of this module, not by hand. The netloom-restore units
@@ -110,6 +159,18 @@ notes:
 """
 
 EXAMPLES = r"""
+- name: Runner 1 in direct mode, meshed with runners 1..3 (all in direct mode)
+  overlay_runner:
+    plan: 10.0.0.0/8/8/16
+    runner_id: 1
+    hub_underlay_ip: 192.0.2.1
+    underlay_ip: 192.0.2.11
+    overlay_mode: direct
+    mesh_peers:
+      - {id: 1, underlay_ip: 192.0.2.11, name: runner1}
+      - {id: 2, underlay_ip: 192.0.2.12, name: runner2}
+      - {id: 3, underlay_ip: 192.0.2.13, name: runner3}
+
 - name: Converge runner 1 of the seed plan
   overlay_runner:
     plan: 10.0.0.0/8/8/16
@@ -159,6 +220,18 @@ vxlan:
   returned: always
   type: str
   sample: vxlan0
+overlay_mode:
+  description: The mode converged (C(hub) or C(direct)).
+  returned: always
+  type: str
+  sample: direct
+mesh:
+  description: Direct mode - the mesh link and the peer table (None in hub mode).
+  returned: state=present
+  type: dict
+  sample: {device: kohaku-mesh, vni: 1, mac: "02:6e:00:00:00:01", vtep: 10.1.0.1,
+           peers: [{id: 2, name: runner2, underlay_ip: 192.0.2.12, subnet: 10.2.0.0/16, vtep: 10.2.0.1,
+                    mac: "02:6e:00:00:00:02"}]}
 changes:
   description: One line per change made (or, in check mode, that would be made).
   returned: always
@@ -464,7 +537,11 @@ def main() -> None:
             "overlay_mode": {"type": "str", "choices": ["hub", "direct"], "default": "hub"},
             "mesh_name": {"type": "str", "default": "kohaku-mesh"},
             "mesh_vni": {"type": "int", "default": 1},
-            "mesh_peers": {"type": "list", "elements": "raw"},
+            "mesh_peers": {"type": "list", "elements": "dict", "options": {
+                # Required, but checked by parse_peers, whose failures name the entry and the value.
+                "id": {"type": "int"},
+                "underlay_ip": {"type": "str"},
+                "name": {"type": "str"}}},
         },
         supports_check_mode=True,
     )

@@ -71,10 +71,6 @@ def parse_peers(field_name: str, entries: Any, plan: AddressPlan, runner_id: int
         where = f"{field_name}[{position}]"
         if not isinstance(entry, dict):
             raise InputError(where, entry, "must be a dict with id and underlay_ip")
-        unknown = sorted(set(entry) - {"id", "underlay_ip", "name"})
-        if unknown:
-            raise InputError(f"{where}.{unknown[0]}", entry[unknown[0]],
-                             "unknown key (the keys are id, underlay_ip, name)")
         if entry.get("id") in (None, ""):
             raise InputError(f"{where}.id", entry.get("id"), "every direct-mode runner needs its id")
         peer_id = plan.check_runner_id(f"{where}.id", entry["id"])
