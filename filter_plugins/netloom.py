@@ -38,6 +38,23 @@ def netloom_runner_of(runners: list[Mapping[str, Any]], name: str) -> Mapping[st
                      "is it in the runner group and was the hub play run?")
 
 
+def netloom_mesh_peers(runners: list[Mapping[str, Any]], hostvars: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """overlay_runner's mesh_peers: the hub's resolved entries of the runners in direct mode.
+
+    A runner's mode is its `netloom_overlay_mode` (hub unless set). The underlay IP is the
+    hub's (the one its link to that runner uses); the module refuses an entry without one.
+    """
+    peers = []
+    for entry in runners:
+        mode = str(hostvars[entry["name"]].get("netloom_overlay_mode", "hub"))
+        if mode not in ("hub", "direct"):
+            raise ValueError(f"runner {entry['name']}: netloom_overlay_mode is {mode!r}, not hub or direct")
+        if mode == "direct":
+            peers.append({"id": int(entry["id"]), "underlay_ip": entry.get("underlay_ip"),
+                          "name": entry["name"]})
+    return peers
+
+
 def netloom_edge_cni_subnet(value: str | None, base: str, index: Any = None) -> str:
     """A compute node's CNI_SUBNET: the declared one, else the /24 number `index` of the base.
 
@@ -192,6 +209,7 @@ class FilterModule:
         return {
             "netloom_overlay_runners": netloom_overlay_runners,
             "netloom_runner_of": netloom_runner_of,
+            "netloom_mesh_peers": netloom_mesh_peers,
             "netloom_edge_cni_subnet": netloom_edge_cni_subnet,
             "netloom_edge_cni_conflist": netloom_edge_cni_conflist,
             "netloom_edge_cni_reserved": netloom_edge_cni_reserved,

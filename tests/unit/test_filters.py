@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from filter_plugins.netloom import FilterModule, netloom_overlay_runners, netloom_runner_of
+from filter_plugins.netloom import (
+    FilterModule,
+    netloom_mesh_peers,
+    netloom_overlay_runners,
+    netloom_runner_of,
+)
 
 HOSTVARS = {
     "r1": {"netloom_underlay_ip": "192.0.2.11", "overlay_runner_id": "3"},
@@ -33,3 +38,15 @@ def test_runner_of_finds_entry_or_says_who_is_missing() -> None:
 
 def test_filters_are_registered() -> None:
     assert {"netloom_overlay_runners", "netloom_runner_of"} <= set(FilterModule().filters())
+
+
+def test_mesh_peers_are_the_direct_mode_runners_of_the_hub_table() -> None:
+    table = [{"name": "r1", "id": 1, "underlay_ip": "192.0.2.11"},
+             {"name": "r2", "id": 2, "underlay_ip": "192.0.2.12"},
+             {"name": "r3", "id": 3, "underlay_ip": "192.0.2.13"}]
+    hostvars = {"r1": {"netloom_overlay_mode": "direct"}, "r2": {}, "r3": {"netloom_overlay_mode": "direct"}}
+    assert netloom_mesh_peers(table, hostvars) == [
+        {"id": 1, "underlay_ip": "192.0.2.11", "name": "r1"},
+        {"id": 3, "underlay_ip": "192.0.2.13", "name": "r3"}]
+    with pytest.raises(ValueError, match="r2: netloom_overlay_mode is 'mesh'"):
+        netloom_mesh_peers(table, {**hostvars, "r2": {"netloom_overlay_mode": "mesh"}})
