@@ -21,6 +21,7 @@ TEST_TOOLS = (
     "ping", "sysctl", "wg", "wg-quick", "wireguard-go", "haproxy", "nginx", "curl", "docker", "dockerd",
     "debootstrap", "ssh", "ssh-keygen", "busybox", "openssl", "getent", "ldd", "iperf3", "tar", "mktemp",
     "cat", "systemd-analyze",
+    "bridge",  # overlay_runner direct mode: the mesh's FDB (tests/module/test_overlay_mesh.py)
 )
 
 
