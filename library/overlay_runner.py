@@ -429,7 +429,9 @@ class OverlayRunner(OverlayManager):
         mac = vtep_mac(self.runner_id)
         want = Vxlan(vni=self.mesh_vni, local=self.underlay_ip, remote=None, port=self.port, learning=False)
         fresh = plan_vxlan(self.plan, self.nl, snapshot, self.mesh, want, mtu, address=mac)
-        entries = MeshEntries(self.plan, self.nl, snapshot, self.mesh, self.addressing.gateway, fresh)
+        new_mac = current is not None and current.address != mac
+        entries = MeshEntries(self.plan, self.nl, snapshot, self.mesh, self.addressing.gateway, fresh,
+                              new_mac)
         entries.converge(self.peers)
         return {"device": self.mesh, "vni": self.mesh_vni, "mac": mac, "vtep": str(self.addressing.gateway),
                 "peers": [peer.describe() for peer in self.peers]}

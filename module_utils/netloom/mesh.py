@@ -107,11 +107,13 @@ class MeshEntries:
 
     The device is owned by its declared name, so every route, IPv4 neighbour and FDB entry on it
     that no declared peer needs is stale and removed. `fresh`: the device is (re)created by an
-    earlier step of the same plan, so it starts with none of them.
+    earlier step of the same plan, so it starts with none of them. `new_mac`: an earlier step
+    changes the device's MAC, and the kernel then flushes its neighbour entries (permanent
+    ones too), so they are all set again.
     """
 
     def __init__(self, plan: ChangePlan, nl: Netlink, snapshot: Snapshot, device: str,
-                 source: ipaddress.IPv4Address, fresh: bool) -> None:
+                 source: ipaddress.IPv4Address, fresh: bool, new_mac: bool) -> None:
         self.plan = plan
         self.nl = nl
         self.device = device
@@ -122,8 +124,8 @@ class MeshEntries:
         self.fdb: list[FdbEntry] = []
         if link is not None:
             self.routes = [route for route in snapshot.routes if route.oif == link.index]
-            self.neighbours = [entry for entry in nl.neighbours(device)
-                               if isinstance(entry.dst, ipaddress.IPv4Address)]
+            self.neighbours = [] if new_mac else [entry for entry in nl.neighbours(device)
+                                                  if isinstance(entry.dst, ipaddress.IPv4Address)]
             self.fdb = [entry for entry in nl.fdb(device) if entry.dst is not None]
 
     def converge(self, peers: list[MeshPeer]) -> None:

@@ -156,6 +156,21 @@ def test_drift_is_repaired_deleted_fdb_changed_neighbour_stale_peer(trio: dict[i
     assert not runner_run(ns, args(1))["changed"]
 
 
+def test_a_changed_vtep_mac_is_set_back_with_every_neighbour(trio: dict[int, Netns]) -> None:
+    """The kernel flushes a device's neighbours (permanent ones too) when its MAC changes."""
+    ns = trio[1]
+    runner_run(ns, args(1))
+    ns.sh(f"ip link set {MESH} address 02:6e:00:00:00:77")
+    preview = runner_run(ns, args(1), check_mode=True)
+    assert preview["changes"] == [f"update link {MESH}", "create mesh neighbour 10.2.0.1",
+                                  "create mesh neighbour 10.3.0.1"]
+    assert preview["diff"]["before"][f"link {MESH}"]["address"] == "02:6e:00:00:00:77"
+    assert runner_run(ns, args(1))["changes"] == preview["changes"]
+    assert links(ns)[MESH]["address"] == MAC[1]
+    assert mesh_view(ns) == expected_view(1, (2, 3))
+    assert not runner_run(ns, args(1))["changed"]
+
+
 def test_a_peer_no_longer_declared_is_removed_and_hub_mode_removes_the_mesh(trio: dict[int, Netns]) -> None:
     ns = trio[1]
     runner_run(ns, args(1))
