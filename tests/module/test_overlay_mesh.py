@@ -4,13 +4,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.support.kernel_view import addresses, fdb, links, neighbours, routes, vxlan
-from tests.support.netns import Netns, run_module, run_module_ok, sh
+from tests.support.netns import Netns, node_python, persist_root, run_module, run_module_ok, sh
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -65,9 +66,11 @@ def mesh_view(ns: Netns) -> dict[str, Any]:
 
 
 def view(ns: Netns) -> str:
-    """All a run may touch, without operational states (a fresh bridge's carrier settles on its own)."""
-    summary = [f"{name} {link['ifindex']} {link['mtu']} {'UP' in link['flags']} {link.get('master')} "
-               f"{link.get('address')} {vxlan(link) if 'vxlan' in str(link.get('linkinfo')) else ''} "
+    """All a run may touch, without operational states (a fresh bridge's carrier settles on its own),
+    interface indexes and the random MACs of the bridge and vxlan0 (a reboot renews them)."""
+    summary = [f"{name} {link['mtu']} {'UP' in link['flags']} {link.get('master')} "
+               f"{link.get('address') if name == MESH else ''} "
+               f"{vxlan(link) if 'vxlan' in str(link.get('linkinfo')) else ''} "
                f"{addresses(ns, name)}" for name, link in sorted(links(ns).items())]
     return "\n".join([*summary, str(mesh_view(ns)), ns.sh("ip route"), ns.sh("iptables -S"),
                       ns.sh("iptables -t nat -S"), ns.sh("sysctl -n net.ipv4.ip_forward")])
@@ -251,6 +254,26 @@ def test_bad_input_fails_before_any_change(trio: dict[int, Netns], overrides: di
     assert result["field"] == field
     assert fragment in result["msg"]
     assert view(ns) == before
+
+
+def test_the_boot_replay_restores_a_wiped_mesh(trio: dict[int, Netns]) -> None:
+    """Reboot survival: the recorded run, replayed by netloom-restore's early phase, alone."""
+    ns = trio[1]
+    runner_run(ns, args(1))
+    converged = view(ns)
+    # What a reboot leaves: no netloom link, chain or sysctl (this namespace has nothing else).
+    ns.sh(f"ip link del {MESH} && ip link del vxlan0 && ip link del kohaku-overlay"
+          " && iptables -F && iptables -X && iptables -t nat -F && iptables -t nat -X"
+          " && sysctl -qw net.ipv4.ip_forward=0")
+    root = persist_root(ns.name)
+    replayed = subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", node_python(),
+                               str(root / "usr/lib/netloom/netloom-restore"), "early"],
+                              env={**os.environ, "NETLOOM_PERSIST_ROOT": str(root)},
+                              capture_output=True, text=True, check=False)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert mesh_view(ns) == expected_view(1, (2, 3))
+    assert view(ns) == converged
+    assert not runner_run(ns, args(1))["changed"]
 
 
 def test_absent_removes_the_mesh_and_its_chain(trio: dict[int, Netns]) -> None:
