@@ -78,7 +78,7 @@ netloom_facts:
       sample: runner1
     links:
       description: C(links) (name, kind, mtu, up, master, addresses, vxlan, ports, fdb, neighbours) and
-        C(routes) (dst, gateway, dev, metric, scope) of protocol 250.
+        C(routes) (dst, gateway, dev, metric, scope, proto, netloom) other than connected and default routes.
       type: dict
       sample:
         available: true
@@ -91,7 +91,8 @@ netloom_facts:
             addresses: []
             vxlan: {vni: 101, local: 192.0.2.11, remote: 192.0.2.10, port: 4789, learning: false, dev: eth0}
         routes:
-          - {dst: 10.0.0.0/8, gateway: 10.1.0.254, dev: kohaku-overlay, metric: 0, scope: 0}
+          - {dst: 10.0.0.0/8, gateway: 10.1.0.254, dev: kohaku-overlay, metric: 0, scope: 0, proto: 3,
+             netloom: false}
     wireguard:
       description: C(interfaces), each with name, public_key, listen_port and peers (public_key, endpoint,
         allowed_ips, latest_handshake as a Unix time or 0, persistent_keepalive).
@@ -123,7 +124,7 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom import restore
 from ansible.module_utils.netloom.common import run_command
-from ansible.module_utils.netloom.constants import NETLOOM_ROUTE_PROTO
+from ansible.module_utils.netloom.constants import NETLOOM_ROUTE_PROTO, RTPROT_KERNEL
 from ansible.module_utils.netloom.iptables import COMMENT_PREFIX, read_table, split_rule
 from ansible.module_utils.netloom.netlink import Netlink, Snapshot
 from ansible.module_utils.netloom.persist import persist_root
@@ -159,7 +160,7 @@ def _public_args(args: Any) -> Any:
 def dnat_view(table: str, chain: str, spec: str) -> dict[str, Any] | None:
     """The fields of a DNAT rule a picture needs, or None for any other rule."""
     tokens = split_rule(spec)
-    if "DNAT" not in tokens:
+    if not any(tokens[i:i + 2] == ["-j", "DNAT"] for i in range(len(tokens) - 1)):
         return None
     view: dict[str, Any] = {"table": table, "chain": chain, "protocol": None, "source": None,
                             "destination": None, "dport": None, "in_interface": None, "to_destination": None}
@@ -228,10 +229,15 @@ class FactsGatherer:
                 entry["neighbours"] = [{"dst": str(neigh.dst), "mac": neigh.lladdr} for neigh in neighbours
                                        if neigh.oif == link.index and "permanent" in neigh.state]
             links.append(entry)
+        # Connected routes follow from the addresses and the default route from the underlay; the
+        # rest are what netloom (proto 250) or its modules' plain `route replace` (overlay_runner's
+        # route to the hub) installed, or an operator's static routes: all of them are drawn.
         routes = [{"dst": str(route.dst), "gateway": str(route.gateway) if route.gateway else None,
                    "dev": names.get(route.oif) if route.oif is not None else None,
-                   "metric": route.priority, "scope": route.scope}
-                  for route in snapshot.routes if route.proto == NETLOOM_ROUTE_PROTO]
+                   "metric": route.priority, "scope": route.scope, "proto": route.proto,
+                   "netloom": route.proto == NETLOOM_ROUTE_PROTO}
+                  for route in snapshot.routes
+                  if route.proto != RTPROT_KERNEL and route.dst.prefixlen > 0]
         return {"links": links, "routes": routes}
 
     # ---- WireGuard (public data only) ----

@@ -135,6 +135,9 @@ class TopologyBuilder:
             if edge["status"] not in (OK, EXTERNAL):
                 self.drift.append({"status": edge["status"], "kind": edge["kind"], "node": edge["a"],
                                    "name": edge["id"], "detail": edge.get("detail", "")})
+        for item in self.drift:
+            item["text"] = f"{item['status']}: {item['kind']} {item['name']} on {item['node']}" + (
+                f" ({item['detail']})" if item.get("detail") else "")
         statuses = [edge["status"] for edge in self.edges] + [item["status"] for item in self.drift]
         return {
             "version": MODEL_VERSION,
@@ -565,9 +568,10 @@ def _notes(node: Mapping[str, Any]) -> str:
     """Routes, DNAT rules, owned chains and restore entries as one text box."""
     parts = []
     if node.get("routes"):
-        parts.append("routes (proto 250):")
+        parts.append("routes:")
         parts.extend(f"  {route['dst']}" + (f" via {route['gateway']}" if route.get("gateway") else "")
-                     + (f" dev {route['dev']}" if route.get("dev") else "") for route in node["routes"])
+                     + (f" dev {route['dev']}" if route.get("dev") else "")
+                     + (" proto 250" if route.get("netloom") else "") for route in node["routes"])
     if node.get("dnat"):
         parts.append("DNAT:")
         parts.extend(f"  {rule.get('destination') or '*'}:{rule.get('dport') or '*'}"
