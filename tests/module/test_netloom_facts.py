@@ -92,6 +92,21 @@ def test_facts_of_a_converged_runner(runner: Netns) -> None:
     assert entries[0]["args"]["runner_id"] == 1 and "rendered" not in entries[0]["args"]
 
 
+def test_the_unit_fixture_has_the_shape_the_module_returns(runner: Netns) -> None:
+    """tests/unit/fixtures/topology was written by hand: its entries carry exactly the real keys."""
+    live = run_module("netloom_facts", {"docker_host": NO_DOCKER}, netns=runner.name)["netloom_facts"]
+    recorded = json.loads((ROOT / "tests" / "unit" / "fixtures" / "topology" / "facts.json").read_text())
+    fixture = recorded["runner1"]["netloom_facts"]
+    assert set(fixture) == set(live)
+    for name in ("vxlan0", "kohaku-overlay"):
+        assert set(link(fixture, name)) == set(link(live, name))
+        assert set(link(fixture, name).get("vxlan", {})) == set(link(live, name).get("vxlan", {}))
+    assert set(link(fixture, "vxmesh")) == set(link(live, "topomesh"))
+    assert set(fixture["links"]["routes"][0]) == set(live["links"]["routes"][0])
+    assert set(fixture["iptables"]) == set(live["iptables"])
+    assert set(fixture["restore"]["entries"][0]) == set(live["restore"]["entries"][0])
+
+
 def test_sections_can_be_left_out(runner: Netns) -> None:
     result = run_module("netloom_facts", {"sections": ["links"]}, netns=runner.name)
     assert set(result["netloom_facts"]) == {"hostname", "links"}
