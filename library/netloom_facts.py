@@ -14,7 +14,8 @@ description:
     through netloom's netlink seam (C(ip -j) dumps). VXLAN links carry VNI, local and remote VTEP, port,
     learning and the underlay device (the link holding the local address); a VXLAN link without a remote
     (a mesh device) also carries its static FDB entries and permanent neighbours. Bridges list their ports.
-    Routes are the main-table IPv4 routes netloom installed (protocol 250)."
+    Routes are the main-table IPv4 routes other than connected ones and the default route, each with
+    its protocol and C(netloom=true) for protocol 250 (the routes netloom's modules tag as their own)."
   - "C(wireguard): each interface C(wg show interfaces) lists, with its public key, listen port and
     peers (public key, endpoint, allowed IPs, latest handshake, keepalive). Private and preshared keys
     are never read into the result."
@@ -91,7 +92,7 @@ netloom_facts:
             addresses: []
             vxlan: {vni: 101, local: 192.0.2.11, remote: 192.0.2.10, port: 4789, learning: false, dev: eth0}
         routes:
-          - {dst: 10.0.0.0/8, gateway: 10.1.0.254, dev: kohaku-overlay, metric: 0, scope: 0, proto: 3,
+          - {dst: 10.0.0.0/8, gateway: 10.1.0.254, dev: kohaku-overlay, metric: 0, scope: 0, proto: 4,
              netloom: false}
     wireguard:
       description: C(interfaces), each with name, public_key, listen_port and peers (public_key, endpoint,
