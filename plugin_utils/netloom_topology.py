@@ -41,11 +41,17 @@ ROLE_DEFAULTS: dict[str, Any] = {
 # Inventory variables the model reads (the playbook passes only these).
 INVENTORY_VARS = (
     "netloom_underlay_ip", "overlay_runner_id", "netloom_overlay_mode", "netloom_topology_expect",
+    "netloom_vms",
     *ROLE_DEFAULTS,
 )
 DIRECT_MODE = "direct"
-# What a container is, by the name prefix netloom's workload modules give it.
+# What a container is: by the labels netloom's pod and workload modules set, else by the name prefix
+# they give it.
 CONTAINER_KINDS = (("pinacle-pod-", "pod"), ("kohakuriver-task-", "task"), ("kohakuriver-vps-", "vps"))
+POD_LABEL = "netloom.pod"
+WORKLOAD_KIND_LABEL = "netloom.workload.kind"
+# qemu_vm's TAP on the runner's overlay bridge is nlvm-NAME, present while the VM runs.
+VM_TAP_PREFIX = "nlvm-"
 OK, MISSING, EXTRA, HALF, UNVERIFIED, EXTERNAL = "ok", "missing", "extra", "half", "unverified", "external"
 EXPECT_KINDS = ("bridge", "link", "docker_network", "container", "iptables_chain")
 
@@ -179,8 +185,9 @@ class TopologyBuilder:
             if link.get("kind") == "bridge":
                 node["bridges"].append({"name": link["name"], "addresses": link.get("addresses", []),
                                         "ports": link.get("ports", []), "up": link.get("up"), "status": OK})
-                node["taps"].extend({"name": port, "bridge": link["name"]}
-                                    for port in link.get("ports", []) if kinds.get(port) == "tun")
+                taps = [port for port in link.get("ports", []) if kinds.get(port) == "tun"]
+                node["taps"].extend({"name": tap, "bridge": link["name"], "vm": vm_of_tap(tap), "status": OK}
+                                    for tap in taps)
             elif link.get("vxlan"):
                 node["vxlan"].append({"name": link["name"], "master": link.get("master"),
                                       "up": link.get("up"), "mtu": link.get("mtu"),
@@ -202,7 +209,8 @@ class TopologyBuilder:
                           for chain in iptables.get("chains", [])]
         docker = _section(facts, "docker") or {}
         node["docker_networks"] = [{**network, "status": OK} for network in docker.get("networks", [])]
-        node["containers"] = [{**container, "kind": container_kind(container["name"]), "status": OK}
+        node["containers"] = [{**container, "status": OK,
+                               "kind": container_kind(container["name"], container.get("labels"))}
                               for container in docker.get("containers", [])]
         restore = _section(facts, "restore") or {}
         node["restore"] = [{"module": entry.get("module"), "key": entry.get("key")}
@@ -359,6 +367,9 @@ class TopologyBuilder:
                 expected.append(("docker_network", str(var("edge_compute_docker_network"))))
         if EDGE_GATEWAY_GROUP in groups:
             expected.append(("link", str(var("edge_gateway_wg_interface"))))
+        if RUNNER_GROUP in groups:
+            expected.extend(("link", VM_TAP_PREFIX + str(vm.get("name"))) for vm in var("netloom_vms") or []
+                            if vm.get("state", "running") == "running")
         for item in var("netloom_topology_expect") or []:
             kind, name = str(item.get("kind")), str(item.get("name"))
             if kind not in EXPECT_KINDS:
@@ -400,9 +411,20 @@ class TopologyBuilder:
                                        "state": None, "networks": {}, "ports": [], "labels": {}})
         elif kind == "iptables_chain":
             node["chains"].append({**placeholder, "table": None, "rules": 0})
+        elif kind == "link" and vm_of_tap(name):
+            node["taps"].append({**placeholder, "bridge": None, "vm": vm_of_tap(name)})
 
 
-def container_kind(name: str) -> str:
+def vm_of_tap(name: str) -> str | None:
+    return name[len(VM_TAP_PREFIX):] if name.startswith(VM_TAP_PREFIX) else None
+
+
+def container_kind(name: str, labels: Mapping[str, str] | None = None) -> str:
+    labels = labels or {}
+    if labels.get(POD_LABEL):
+        return "pod"
+    if labels.get(WORKLOAD_KIND_LABEL):
+        return str(labels[WORKLOAD_KIND_LABEL])
     for prefix, kind in CONTAINER_KINDS:
         if name.startswith(prefix):
             return kind
@@ -530,9 +552,11 @@ def _cluster(index: int, node: Mapping[str, Any], nid: Any) -> list[str]:
         lines.append(f"    {nid(name, 'link', wg['name'])} {_attrs(label, OK, 'shape=hexagon')};")
         lines.append(f'    {host} -- {nid(name, "link", wg["name"])} [color="#a0a0a0"];')
     for tap in node.get("taps", []):
-        tap_label = _attrs(f"tap {tap['name']} (VM)", OK, "shape=cds")
+        text = f"VM {tap['vm']}\ntap {tap['name']}" if tap.get("vm") else f"tap {tap['name']}"
+        tap_label = _attrs(text, tap["status"], "shape=cds")
         lines.append(f"    {nid(name, 'link', tap['name'])} {tap_label};")
-        lines.append(f"    {nid(name, 'link', tap['bridge'])} -- {nid(name, 'link', tap['name'])};")
+        parent = nid(name, "link", tap["bridge"]) if tap.get("bridge") else host
+        lines.append(f"    {parent} -- {nid(name, 'link', tap['name'])};")
     bridges = {bridge["name"] for bridge in node.get("bridges", [])}
     for network in node.get("docker_networks", []):
         label = f"docker {network['name']}"

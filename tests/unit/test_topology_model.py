@@ -69,7 +69,7 @@ def test_undeclared_link_and_one_sided_mesh_are_drift() -> None:
     assert extra["status"] == "extra" and extra["sides"]["hub"]["device"] == "vxkr3"
     mesh = edges["mesh:runner1|runner2"]
     assert mesh["status"] == "half" and set(mesh["sides"]) == {"runner1"} and mesh["vni"] == 4242
-    assert model["summary"] == {"nodes": 7, "nodes_without_facts": [], "edges": 6, "missing": 5, "extra": 1,
+    assert model["summary"] == {"nodes": 7, "nodes_without_facts": [], "edges": 6, "missing": 6, "extra": 1,
                                 "drift": True}
 
 
@@ -90,7 +90,10 @@ def test_workloads_pods_and_dnat_come_from_the_facts() -> None:
     assert [(c["kind"], c["name"], c["networks"]["kohakuriver-overlay"]["ipv4_address"])
             for c in runner1["containers"]] == [("task", "kohakuriver-task-7", "10.1.0.5"),
                                                 ("vps", "kohakuriver-vps-3", "10.1.0.6")]
-    assert runner1["taps"] == [{"name": "tap-vm1", "bridge": "kohaku-overlay"}]
+    assert runner1["taps"] == [{"name": "nlvm-vm1", "bridge": "kohaku-overlay", "vm": "vm1", "status": "ok"},
+                               {"name": "nlvm-vm2", "bridge": None, "vm": "vm2", "status": "missing"}]
+    assert ("missing", "link", "runner1", "nlvm-vm2") in drift_of(model)
+    assert not any(item[3] == "nlvm-vm3" for item in drift_of(model))  # declared stopped: no TAP wanted
     pods = node_of(model, "podhost")["containers"]
     assert [(pod["name"], pod["status"], [port.get("public") for port in pod["ports"]]) for pod in pods] == [
         ("pinacle-pod-a", "ok", [30000]), ("pinacle-pod-b", "ok", [30001]), ("pinacle-pod-c", "missing", [])]
@@ -107,8 +110,8 @@ def test_no_drift_when_the_live_state_matches_the_inventory() -> None:
     facts["hub"]["netloom_facts"]["links"]["links"] = [link for link in hub_links if link["name"] != "vxkr3"]
     del inventory["runner2"]
     del facts["runner2"]
-    for name in ("runner1",):
-        del inventory[name]["vars"]["netloom_overlay_mode"]
+    del inventory["runner1"]["vars"]["netloom_overlay_mode"]
+    inventory["runner1"]["vars"]["netloom_vms"] = [{"name": "vm1"}]
     runner_links = facts["runner1"]["netloom_facts"]["links"]["links"]
     facts["runner1"]["netloom_facts"]["links"]["links"] = [link for link in runner_links
                                                            if link["name"] != "vxmesh"]
