@@ -556,7 +556,7 @@ def _cluster(index: int, node: Mapping[str, Any], nid: Any) -> list[str]:
         tap_label = _attrs(text, tap["status"], "shape=cds")
         lines.append(f"    {nid(name, 'link', tap['name'])} {tap_label};")
         parent = nid(name, "link", tap["bridge"]) if tap.get("bridge") else host
-        lines.append(f"    {parent} -- {nid(name, 'link', tap['name'])};")
+        lines.append(f"    {parent} -- {nid(name, 'link', tap['name'])} {_inner(tap['status'])};")
     bridges = {bridge["name"] for bridge in node.get("bridges", [])}
     for network in node.get("docker_networks", []):
         label = f"docker {network['name']}"
@@ -566,7 +566,7 @@ def _cluster(index: int, node: Mapping[str, Any], nid: Any) -> list[str]:
         lines.append(f"    {nid(name, 'net', network['name'])} {attrs};")
         bridge = network.get("bridge")
         target = nid(name, "link", bridge) if bridge in bridges else host
-        lines.append(f"    {target} -- {nid(name, 'net', network['name'])} [color=\"#a0a0a0\"];")
+        lines.append(f"    {target} -- {nid(name, 'net', network['name'])} {_inner(network['status'])};")
     networks = {network["name"] for network in node.get("docker_networks", [])}
     for container in node.get("containers", []):
         label = f"{container['kind']} {container['name']}\n{container.get('state') or 'absent'}"
@@ -579,13 +579,18 @@ def _cluster(index: int, node: Mapping[str, Any], nid: Any) -> list[str]:
         for net in attached:
             lines.append(f"    {nid(name, 'net', net)} -- {cid};")
         if not attached:
-            lines.append(f"    {host} -- {cid} [style=dotted];")
+            lines.append(f"    {host} -- {cid} {_inner(container['status'], 'style=dotted')};")
     notes = _notes(node)
     if notes:
         lines.append(f"    {nid(name, 'notes')} [label={quote(notes)}, shape=note, style=solid];")
         lines.append(f"    {host} -- {nid(name, 'notes')} [style=invis];")
     lines.append("  }")
     return lines
+
+
+def _inner(status: str, ok_style: str = 'color="#a0a0a0"') -> str:
+    """Attributes of an edge inside a node's cluster: grey, or the style of a drifted item."""
+    return f"[{STYLES[status] if status != OK else ok_style}]"
 
 
 def _notes(node: Mapping[str, Any]) -> str:
