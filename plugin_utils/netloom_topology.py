@@ -182,8 +182,10 @@ class TopologyBuilder:
         links = _section(facts, "links") or {}
         kinds = {link["name"]: link.get("kind") for link in links.get("links", [])}
         for link in links.get("links", []):
-            if link.get("kind") == "bridge":
-                node["bridges"].append({"name": link["name"], "addresses": link.get("addresses", []),
+            if link.get("kind") in ("bridge", "dummy"):
+                # A port-less bridge or a dummy: an anchor holding addresses (the hub's 10.0.0.1/8).
+                node["bridges"].append({"name": link["name"], "kind": link["kind"],
+                                        "addresses": link.get("addresses", []),
                                         "ports": link.get("ports", []), "up": link.get("up"), "status": OK})
                 taps = [port for port in link.get("ports", []) if kinds.get(port) == "tun"]
                 node["taps"].extend({"name": tap, "bridge": link["name"], "vm": vm_of_tap(tap), "status": OK}
@@ -402,7 +404,8 @@ class TopologyBuilder:
                            "detail": "declared by the inventory, not on the node"})
         placeholder: dict[str, Any] = {"name": name, "status": MISSING}
         if kind == "bridge":
-            node["bridges"].append({**placeholder, "addresses": [], "ports": [], "up": False})
+            node["bridges"].append({**placeholder, "kind": "bridge", "addresses": [], "ports": [],
+                                    "up": False})
         elif kind == "docker_network":
             node["docker_networks"].append({**placeholder, "bridge": None, "subnet": None, "gateway": None,
                                             "labels": {}})
@@ -538,7 +541,7 @@ def _cluster(index: int, node: Mapping[str, Any], nid: Any) -> list[str]:
     host = nid("host", name)
     lines.append(f"    {host} {_attrs(name, status, 'shape=box3d, style=solid')};")
     for bridge in node.get("bridges", []):
-        label = f"bridge {bridge['name']}" + "".join(f"\n{address}" for address in bridge["addresses"])
+        label = "\n".join([f"{bridge['kind']} {bridge['name']}", *bridge["addresses"]])
         lines.append(f"    {nid(name, 'link', bridge['name'])} {_attrs(label, bridge['status'])};")
     for vxlan in node.get("vxlan", []):
         label = f"{vxlan['name']}\nVNI {vxlan.get('vni')}" + (" mesh" if vxlan.get("mesh") else "")

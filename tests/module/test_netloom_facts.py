@@ -170,6 +170,14 @@ def test_wireguard_peers_without_private_keys(tmp_path: pathlib.Path) -> None:
                                     "persistent_keepalive": 25}]}
 
 
+def topology_play(inventory: pathlib.Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [str(pathlib.Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
+               str(ROOT / "playbooks" / "topology.yml"), *extra]
+    return subprocess.run(command,
+                          capture_output=True, text=True, check=False, cwd=ROOT,
+                          env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")})
+
+
 def test_topology_playbook_draws_live_state_and_marks_drift(tmp_path: pathlib.Path) -> None:
     """hub + runner1 converged by the modules, runner2 declared but bare: the picture shows the hub's
     link to runner1 paired from both kernels, and the declared link to runner2 as missing."""
@@ -199,12 +207,12 @@ def test_topology_playbook_draws_live_state_and_marks_drift(tmp_path: pathlib.Pa
                                                                         "runner2": hosts["runner2"]}}}}}
         (tmp_path / "inventory.json").write_text(json.dumps(inventory))
         out = tmp_path / "out"
-        proc = subprocess.run([str(pathlib.Path(sys.executable).parent / "ansible-playbook"), "-i",
-                               str(tmp_path / "inventory.json"), str(ROOT / "playbooks" / "topology.yml"),
-                               "-e", f"netloom_topology_out={out}"],
-                              capture_output=True, text=True, check=False, cwd=ROOT,
-                              env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")})
+        proc = topology_play(tmp_path / "inventory.json", "-e", f"netloom_topology_out={out}")
+        strict = topology_play(tmp_path / "inventory.json", "-e", "netloom_topology_fail_on_drift=true",
+                               "-e", f"netloom_topology_out={tmp_path / 'strict'}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert strict.returncode != 0 and "missing: vxlan vxlan:hub|runner2:102 on hub" in strict.stdout
+    assert (tmp_path / "strict" / "topology.json").exists()  # written before the drift fails the play
     assert f"{out}/topology.svg" in proc.stdout
     model = json.loads((out / "topology.json").read_text())
     edges = {edge["id"]: edge for edge in model["edges"]}

@@ -58,8 +58,8 @@ def test_declared_runner_without_its_vxlan_link_is_missing() -> None:
     assert ("missing", "bridge", "runner2", "kohaku-overlay") in drift_of(model)
     assert ("missing", "docker_network", "runner2", "kohakuriver-overlay") in drift_of(model)
     runner2 = node_of(model, "runner2")
-    assert {"name": "kohaku-overlay", "status": "missing", "addresses": [], "ports": [], "up": False} \
-        in runner2["bridges"]
+    assert {"name": "kohaku-overlay", "kind": "bridge", "status": "missing", "addresses": [], "ports": [],
+            "up": False} in runner2["bridges"]
 
 
 def test_undeclared_link_and_one_sided_mesh_are_drift() -> None:
