@@ -227,3 +227,46 @@ def test_topology_playbook_draws_live_state_and_marks_drift(tmp_path: pathlib.Pa
     assert (out / "topology.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     assert (out / "topology.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 'subgraph cluster_' in (out / "topology.dot").read_text()
+
+
+def docker_cli(*args: str) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.docker
+def test_docker_networks_and_netloom_containers() -> None:
+    if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True,
+                                                        check=False).returncode != 0:
+        pytest.skip("Docker engine not reachable: start it with `dockerd >/var/log/dockerd.log 2>&1 &`")
+    from tests.support.images import busybox_image
+
+    image = busybox_image()
+    tag = uuid.uuid4().hex[:8]
+    network, task, foreign = f"topo-{tag}", f"kohakuriver-task-topo{tag}", f"topo-foreign-{tag}"
+    try:
+        docker_cli("network", "create", "--label", "netloom.managed=true", "--label", f"netloom.test={tag}",
+                   network)
+        for name, labels in ((task, ["netloom.workload.kind=task", "other.label=x"]), (foreign, ["other=y"])):
+            docker_cli("run", "-d", "--name", name, "--network", network, "-p", "127.0.0.1::8080",
+                       *(arg for label in labels for arg in ("--label", label)), image, "sleep", "600")
+        result = run_module("netloom_facts", {"sections": ["docker"]})
+        host_port = int(docker_cli("port", task, "8080/tcp").rsplit(":", 1)[1])
+        template = f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}'
+        address = docker_cli("inspect", "-f", template, task)
+        network_id = docker_cli("network", "inspect", "-f", "{{.Id}}", network)
+    finally:
+        for name in (task, foreign):
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        subprocess.run(["docker", "network", "rm", network], capture_output=True, check=False)
+    docker = result["netloom_facts"]["docker"]
+    assert docker["available"] is True and result["changed"] is False
+    found = next(entry for entry in docker["networks"] if entry["name"] == network)
+    assert found["bridge"] == f"br-{network_id[:12]}" and found["driver"] == "bridge"
+    assert found["subnet"] and found["gateway"] and found["labels"]["netloom.test"] == tag
+    names = [container["name"] for container in docker["containers"]]
+    assert task in names and foreign not in names
+    container = next(entry for entry in docker["containers"] if entry["name"] == task)
+    assert container["state"] == "running" and container["image"] == image
+    assert container["labels"] == {"netloom.workload.kind": "task"}
+    assert container["networks"][network]["ipv4_address"] == address
+    assert {"private": 8080, "public": host_port, "type": "tcp", "ip": "127.0.0.1"} in container["ports"]
