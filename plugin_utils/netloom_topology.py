@@ -336,8 +336,16 @@ class TopologyBuilder:
             if not found:
                 edge = self._edge(kind, a, b, discriminator="" if wanted_vni is None else wanted_vni,
                                   vni=wanted_vni)
-                edge.update(declared=True, status=MISSING,
-                            detail=f"declared by the inventory, neither {a} nor {b} has it")
+                section = "wireguard" if kind == "wireguard" else "links"
+                read = [end for end in (a, b) if _section(self.facts.get(end), section) is not None]
+                unread = [end for end in (a, b) if end not in read]
+                if unread:
+                    where = (f"{', '.join(read) or 'no side'} does not have it, "
+                             f"{', '.join(unread)} could not be read")
+                else:
+                    where = f"neither {a} nor {b} has it"
+                detail = f"declared by the inventory; {where}"
+                edge.update(declared=True, status=MISSING if read else UNVERIFIED, detail=detail)
         for edge in self.edges:
             if not edge["declared"] and edge["status"] in (OK, HALF) and edge["kind"] in ("vxlan", "mesh"):
                 edge["status"] = EXTRA
@@ -537,7 +545,7 @@ def _cluster(index: int, node: Mapping[str, Any], nid: Any) -> list[str]:
         title += f"\n{section} unavailable: {reason[:80]}"
     lines = [f"  subgraph cluster_{index} {{",
              f"    label={quote(title)}; fontsize=10; style=rounded;"
-             + (f" {STYLES[status]};" if status != OK else ' color="#1f4e79";')]
+             + (f" {STYLES[status].replace(', ', '; ')};" if status != OK else ' color="#1f4e79";')]
     host = nid("host", name)
     lines.append(f"    {host} {_attrs(name, status, 'shape=box3d, style=solid')};")
     for bridge in node.get("bridges", []):

@@ -54,6 +54,7 @@ def test_declared_runner_without_its_vxlan_link_is_missing() -> None:
     model = build_model(*recorded())
     edge = edges_of(model)["vxlan:hub|runner2:102"]
     assert edge["status"] == "missing" and edge["sides"] == {} and edge["vni"] == 102
+    assert edge["detail"] == "declared by the inventory; neither hub nor runner2 has it"
     assert ("missing", "vxlan", "hub", "vxlan:hub|runner2:102") in drift_of(model)
     assert ("missing", "bridge", "runner2", "kohaku-overlay") in drift_of(model)
     assert ("missing", "docker_network", "runner2", "kohakuriver-overlay") in drift_of(model)
@@ -132,6 +133,10 @@ def test_an_unreachable_node_is_missing_and_its_links_unverified() -> None:
     edge = edges_of(model)["vxlan:hub|runner1:101"]
     assert edge["status"] == "unverified" and set(edge["sides"]) == {"hub"}
     assert ("missing", "node", "runner1", "runner1") in drift_of(model)
+    facts["runner2"] = {"unreachable": True, "msg": "timed out"}
+    edge = edges_of(build_model(facts, inventory))["vxlan:hub|runner2:102"]
+    assert edge["status"] == "missing"  # the hub was read and does not have it
+    assert edge["detail"] == "declared by the inventory; hub does not have it, runner2 could not be read"
 
 
 def test_an_unreadable_section_leaves_declared_items_unverified_not_missing() -> None:
@@ -189,10 +194,12 @@ def test_dot_renders_to_svg_with_graphviz(tmp_path: pathlib.Path) -> None:
     evil["netloom_facts"]["docker"]["containers"][0]["name"] = 'pinacle-pod-"x" {y} \\ -- z'
     facts['pod "host"'] = evil
     inventory['pod "host"'] = {"groups": ["pod_hosts"], "vars": {}}
+    # A node without facts is drawn as a dashed red cluster.
+    facts["runner1"] = {"unreachable": True, "msg": "ssh: connect to host 192.0.2.11: No route to host"}
     dot_file = tmp_path / "topology.dot"
     dot_file.write_text(render_dot(build_model(facts, inventory)))
     proc = subprocess.run(["dot", "-Tsvg", str(dot_file)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "<svg" in proc.stdout and "runner2" in proc.stdout
     assert "pinacle&#45;pod&#45;&quot;x&quot; {y} \\ &#45;&#45; z" in proc.stdout
-    assert "MISSING" in proc.stdout and "EXTRA" in proc.stdout
+    assert "MISSING" in proc.stdout and "EXTRA" in proc.stdout and "no facts: unreachable: ssh" in proc.stdout
