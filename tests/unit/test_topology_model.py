@@ -6,6 +6,7 @@ tests check that shape against real kernels (tests/module/test_netloom_facts.py)
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import pathlib
 import shutil
@@ -203,3 +204,22 @@ def test_dot_renders_to_svg_with_graphviz(tmp_path: pathlib.Path) -> None:
     assert "<svg" in proc.stdout and "runner2" in proc.stdout
     assert "pinacle&#45;pod&#45;&quot;x&quot; {y} \\ &#45;&#45; z" in proc.stdout
     assert "MISSING" in proc.stdout and "EXTRA" in proc.stdout and "no facts: unreachable: ssh" in proc.stdout
+
+
+def test_the_filter_plugin_reads_registered_results_from_hostvars() -> None:
+    path = ROOT / "filter_plugins" / "topology.py"
+    spec = importlib.util.spec_from_file_location("netloom_topology_filters", path)
+    assert spec and spec.loader
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    filters = plugin.FilterModule().filters()
+    facts, inventory = recorded()
+    groups: dict[str, list[str]] = {"all": sorted(inventory)}
+    for host, entry in inventory.items():
+        for group in entry["groups"]:
+            groups.setdefault(group, []).append(host)
+    hostvars = {host: {**entry["vars"], "netloom_topology_facts": facts[host]}
+                for host, entry in inventory.items()}
+    model = filters["netloom_topology_model"](sorted(inventory), groups, hostvars)
+    assert model == build_model(facts, inventory)
+    assert filters["netloom_topology_dot"](model) == render_dot(model)
