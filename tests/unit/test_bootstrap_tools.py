@@ -21,7 +21,7 @@ TEST_TOOLS = (
     "ping", "sysctl", "wg", "wg-quick", "wireguard-go", "haproxy", "nginx", "curl", "docker", "dockerd",
     "debootstrap", "ssh", "ssh-keygen", "busybox", "openssl", "getent", "ldd", "iperf3", "tar", "mktemp",
     "cat", "systemd-analyze",
-    "dot",
+    "dot", "bridge",
 )
 
 
