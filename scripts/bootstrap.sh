@@ -14,8 +14,10 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 # What the controller and the tests use: the engine and image build (docker.io, debootstrap),
 # kernel networking tools, ssh to the lab nodes, the venv, and the services the module
 # tests run in network namespaces; systemd for systemd-analyze (the unit templates' check).
+# graphviz (`dot`) draws playbooks/topology.yml's picture, with a font for its PNG.
 packages=(docker.io debootstrap iproute2 iptables busybox-static openssh-client python3-venv
-          wireguard-tools wireguard-go haproxy nginx iperf3 curl iputils-ping procps openssl systemd)
+          wireguard-tools wireguard-go haproxy nginx iperf3 curl iputils-ping procps openssl systemd
+          graphviz fonts-dejavu-core)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -22,6 +22,7 @@ TEST_TOOLS = (
     "debootstrap", "ssh", "ssh-keygen", "busybox", "openssl", "getent", "ldd", "iperf3", "tar", "mktemp",
     "cat", "systemd-analyze",
     "bridge",  # overlay_runner direct mode: the mesh's FDB (tests/module/test_overlay_mesh.py)
+    "dot",  # playbooks/topology.yml renders the picture
 )
 
 
