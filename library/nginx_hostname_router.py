@@ -124,11 +124,13 @@ services:
   elements: dict
   sample: [{"name": "app", "port": 3000, "url": "http://localhost-3000.pod-a.localhost:30000/"}]
 validated:
-  description: The new text passed C(nginx -t) alone and the whole configuration passed after the swap.
+  description:
+    - The new text passed C(nginx -t) alone (also in check mode); in a real run the whole
+      configuration is checked again after the swap, and a failure there fails the run.
   returned: always
   type: bool
 reloaded:
-  description: nginx was reloaded.
+  description: nginx was (in check mode, would be) reloaded.
   returned: always
   type: bool
 backup_file:
@@ -333,19 +335,22 @@ class RouterManager:
             if live != text.encode("utf-8"):
                 self.backup_file = f"{path}.prev" if self.params["backup"] and live is not None else None
                 self.check_alone(target, text)
+                self.validated = True
                 plan.add(f"{target.where}: {path}", "update" if live is not None else "create",
                          live_text, text, lambda: self.install(target, path, live, text))
                 if self.params["reload"]:
+                    self.reloaded = True
                     plan.add(f"{target.where}: nginx", "reload", "previous config", "new config",
-                             lambda: self.reload(target))
+                             target.reload)
         elif live is not None:
             if not live_text.startswith(pods.ROUTER_MARKER):
                 self.module.warn(f"{path} in {target.where} has no netloom marker line: left in place")
             else:
                 plan.add(f"{target.where}: {path}", "delete", live_text, None, lambda: target.remove(path))
                 if self.params["reload"]:
+                    self.reloaded = True
                     plan.add(f"{target.where}: nginx", "reload", "previous config", "without router",
-                             lambda: self.reload(target))
+                             target.reload)
         result: dict[str, Any] = {"path": path, "validated": self.validated, "reloaded": self.reloaded,
                                   "backup_file": self.backup_file}
         if variables is not None:
@@ -385,11 +390,6 @@ class RouterManager:
                 target.write(path, live)
             raise CommandError(f"nginx -t of the whole configuration failed with the new {path} in "
                                f"{target.where}; the previous file was put back: {out}")
-        self.validated = True
-
-    def reload(self, target: Any) -> None:
-        target.reload()
-        self.reloaded = True
 
 
 def main() -> None:
