@@ -167,9 +167,12 @@ def render(slug: str = "a", ports: tuple[int, ...] = (3000, 8726, 8765)) -> str:
 def test_router_config_routes_declared_ports_only_through_a_map_with_named_captures() -> None:
     text = render()
     upstream = text.split("$netloom_a_upstream {", 1)[1].split("}", 1)[0]
-    assert re.findall(r'"(\d+)" (\d+);', upstream) == [("3000", "3000"), ("8726", "8726"), ("8765", "8765")]
+    assert re.findall(r'"(\d+)" netloom_a_(\d+);', upstream) == [("3000", "3000"), ("8726", "8726"),
+                                                                   ("8765", "8765")]
+    servers = re.findall(r"upstream netloom_a_(\d+) \{\s+server 127\.0\.0\.1:(\d+);", text)
+    assert servers == [("3000", "3000"), ("8726", "8726"), ("8765", "8765")]
     assert "(?<netloom_a_port>" in text and "$1" not in text
-    assert "proxy_pass http://127.0.0.1:$netloom_a_upstream;" in text
+    assert "proxy_pass http://$netloom_a_upstream;" in text
     for header in ("Host", "X-Real-IP", "X-Forwarded-For", "Upgrade"):
         assert f"proxy_set_header {header} " in text
     assert "map $http_upgrade $netloom_a_connection_upgrade" in text and "proxy_read_timeout 3600s;" in text

@@ -11,6 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like a real app behind nginx
+    # Headers and body go out in two writes: without TCP_NODELAY the second waits for the
+    # peer's delayed ACK (40 ms) on a kept-alive connection.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         body = json.dumps({
