@@ -85,8 +85,12 @@ options:
     description: Docker Engine API address (with I(container)). Left out, E(DOCKER_HOST) or the local socket.
     type: str
   rendered:
-    description: Set by netloom's action plugin, not by hand; the rendered config (key C(config)).
+    description: Set by netloom's action plugin, not by hand; the files rendered on the controller.
     type: dict
+    suboptions:
+      config:
+        description: The rendered nginx config.
+        type: str
 requirements:
   - nginx in the container or on the host (C(nginx -t))
   - python3-docker (with I(container))

@@ -11,6 +11,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,7 +85,7 @@ def wait_for(check: Any) -> Any:
             return check()
         except (OSError, ConnectionError, AssertionError) as err:
             last = err
-            subprocess.run(["sleep", "0.2"], check=True)
+            time.sleep(0.2)
     raise AssertionError(f"never succeeded: {last}")
 
 
