@@ -189,6 +189,8 @@ ARGUMENT_SPEC: dict[str, Any] = {
 }
 TEMPLATE = "nginx/hostname_router.conf.j2"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+NGINX_PID = "/run/nginx.pid"  # Debian's nginx.conf
+PID_WAIT_TRIES, PID_WAIT_STEP_S = 100, 0.2
 
 
 def parse(params: dict[str, Any]) -> dict[str, Any]:
@@ -318,6 +320,14 @@ class ContainerTarget:
         self.check(["rm", "-f", path])
 
     def reload(self) -> None:
+        """`nginx -s reload`, once nginx has written its pid file (a just-started pod's nginx may not yet)."""
+        for _ in range(PID_WAIT_TRIES):
+            if self.run(["test", "-s", NGINX_PID])[0] == 0:
+                break
+            time.sleep(PID_WAIT_STEP_S)
+        else:
+            raise CommandError(f"nginx in {self.where} has not written {NGINX_PID} within "
+                               f"{PID_WAIT_TRIES * PID_WAIT_STEP_S:.0f} s: is it running?")
         self.check(["nginx", "-s", "reload"])
 
 
