@@ -224,3 +224,40 @@ def test_gvisor_runtime_is_passed_through(host: Any) -> None:
         pytest.skip(f"platform limit: runsc cannot start a networked container here: {result['msg'][:200]}")
     assert not result.get("failed"), result.get("msg")
     assert docker("inspect", "-f", "{{.HostConfig.Runtime}}", "pinacle-pod-podsg") == "runsc"
+
+
+def test_router_config_that_breaks_nginx_never_goes_live(host: Any) -> None:
+    a = host.ok("podsa")["pod"]
+    host.router("podsa", a["port"])
+    path = "/etc/nginx/conf.d/netloom-hostname-router.conf"
+    live = docker("exec", "pinacle-pod-podsa", "cat", path)
+    # A foreign file that clashes with the next config (same upstream name), but not with the live one.
+    clash = "upstream netloom_podsa_5000 { server 127.0.0.1:5000; }"
+    docker("exec", "pinacle-pod-podsa", "sh", "-c", f"echo '{clash}' > /etc/nginx/conf.d/clash.conf")
+    result = run_module("nginx_hostname_router", {"slug": "podsa", "container": "pinacle-pod-podsa",
+                                                  "services": [*SERVICES, {"name": "db", "port": 5000}],
+                                                  "external_port": a["port"]})
+    assert result["failed"] and "the previous file was put back" in result["msg"]
+    assert result["failed_step"].startswith("update container pinacle-pod-podsa") and not result["changed"]
+    assert docker("exec", "pinacle-pod-podsa", "cat", path) == live
+    status, body = get("127.0.0.1", a["port"], "localhost-3000.pod-podsa.localhost")
+    assert status == 200 and json.loads(body)["service"] == "app"
+
+
+def test_router_on_a_host_file(host: Any, tmp_path: pathlib.Path) -> None:
+    """The same module onto this host (no container): validate, swap, keep .prev, remove by marker."""
+    del host  # only for the image and the cleanup of pods (none here)
+    path = tmp_path / "router.conf"
+    args = {"slug": "podsh", "path": str(path), "default_server": False, "listen": 8080, "reload": False,
+            "services": [{"name": "app", "port": 3000}]}
+    first = run_module("nginx_hostname_router", args)
+    assert not first.get("failed"), first.get("msg")
+    assert first["changed"] and first["validated"]
+    assert path.read_text().startswith("# netloom: nginx_hostname_router")
+    assert run_module("nginx_hostname_router", args)["changed"] is False
+    path.write_text(path.read_text() + "# hand edit\n")
+    repaired = run_module("nginx_hostname_router", args)
+    assert repaired["changed"] and "# hand edit" in pathlib.Path(f"{path}.prev").read_text()
+    assert "# hand edit" not in path.read_text()
+    gone = run_module("nginx_hostname_router", {**args, "state": "absent"})
+    assert gone["changed"] and not path.exists()
