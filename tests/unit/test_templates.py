@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from ansible.module_utils.netloom import haproxy, persist, wireguard
+from ansible.module_utils.netloom import haproxy, persist, pods, wireguard
 
 from filter_plugins.netloom import netloom_edge_cni_conflist
 from plugin_utils.netloom_action import TEMPLATES_DIR, render_file, restore_units, template_path
@@ -112,6 +112,18 @@ def check_cni_conflist(tmp_path: pathlib.Path) -> None:
     assert conflist["plugins"][0]["ipam"]["ranges"][0][0]["rangeStart"] == "10.88.1.1"
 
 
+def check_nginx_router(tmp_path: pathlib.Path) -> None:
+    """The pod router alone under a wrapper config, as the module checks it: nginx -t accepts it."""
+    variables = pods.router_variables("pod-a", pods.services("services", None, 80), 3000, 80, 3600, True)
+    text = render_file(template_path("nginx/hostname_router.conf.j2"), variables)
+    (tmp_path / "router.conf").write_text(text)
+    (tmp_path / "nginx.conf").write_text(f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+                                         f"http {{\n    include {tmp_path}/router.conf;\n}}\n")
+    proc = run(["nginx", "-t", "-q", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
+    assert proc.returncode == 0, proc.stderr
+    assert text.startswith(pods.ROUTER_MARKER) and "$1" not in text
+
+
 CASES: dict[str, Callable[[pathlib.Path], None]] = {
     "haproxy/haproxy_relay.cfg.j2": check_haproxy_config,
     "systemd/haproxy-relay.conf.j2": dropin_case(
@@ -124,6 +136,7 @@ CASES: dict[str, Callable[[pathlib.Path], None]] = {
     "systemd/netloom-restore-late.service.j2": check_restore_units,
     "wireguard/wg-quick.conf.j2": check_wg_quick_config,
     "cni/esb-workers.conflist.j2": check_cni_conflist,
+    "nginx/hostname_router.conf.j2": check_nginx_router,
 }
 
 
