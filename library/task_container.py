@@ -20,6 +20,9 @@ description:
     directory when it has exited. O(state=absent) removes it and frees its overlay address.
   - Status is mapped from the exit code as the seed does - 0 V(completed); 137 V(killed), or V(oom)
     when Docker reports OOMKilled; anything else V(failed) - or is V(created), V(running), V(paused).
+  - Docker 20.10 on cgroup v1 can miss the OOM event (OOMKilled stays false although the kernel killed
+    the task in its memory cgroup), so an exit 137 also counts as V(oom) when the kernel log
+    (C(/dev/kmsg)) records a memory-cgroup OOM kill in the container's cgroup.
 options:
   state:
     description:
