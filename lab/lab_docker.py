@@ -154,6 +154,7 @@ class Lab:
         self._say = say
         self._say_lock = threading.Lock()
         self.record_file = STATE_DIR / "labs" / f"{topology.name}.json"
+        self.workloads: dict[str, str] = {}  # workload image name -> hash tag on the host engine
 
     def say(self, message: str) -> None:
         with self._say_lock:
@@ -174,6 +175,8 @@ class Lab:
             public_key = ensure_key()
             tag = lab_image.ensure_image(self.client, STATE_DIR, self.say)
             image_id = self.client.images.get(tag).id
+            self.workloads = {name: lab_image.workload_image(name, self.client, STATE_DIR, self.say)
+                              for node in self.topology.nodes.values() for name in node.images}
             self._remove_stray_containers()
             networks = self._ensure_networks()
             self._sync_firewall(networks)
@@ -578,6 +581,27 @@ class NodeSetup:
         if self.exec(["docker", "image", "inspect", WORKLOAD_IMAGE])[0] != 0:
             self.check(["sh", "-c", WORKLOAD_SCRIPT])
             self.lab.say(f"node {self.node.name}: imported {WORKLOAD_IMAGE} into its dockerd")
+        for name in self.node.images:
+            self.load_workload(self.lab.workloads[name])
+
+    def load_workload(self, tag: str) -> None:
+        """`docker save | docker exec -i NODE docker load`, unless the node has that image id already."""
+        image_id = self.lab.client.images.get(tag).id
+        code, node_id = self.exec(["docker", "image", "inspect", "--format", "{{.Id}}", tag])
+        if code == 0 and node_id.strip() == image_id:
+            return
+        latest = f"{tag.rpartition(':')[0]}:latest"
+        save = subprocess.Popen(["docker", "save", tag, latest],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        load = subprocess.run(["docker", "exec", "-i", self.container.name, "docker", "load", "-q"],
+                              stdin=save.stdout, capture_output=True, check=False)
+        save.stdout.close()
+        save_error = save.stderr.read().decode(errors="replace")
+        save.stderr.close()
+        if save.wait() != 0 or load.returncode != 0:
+            raise LabError(f"node {self.node.name}: loading {tag} failed: {save_error.strip()} "
+                           f"{load.stderr.decode(errors='replace').strip()}")
+        self.lab.say(f"node {self.node.name}: loaded {tag} into its dockerd")
 
     def interfaces(self) -> dict[str, str]:
         """Which interface Docker gave the node on each lab network (found by its address)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lab_image  # the lab's modules live side by side
 import yaml
 
 LAB_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")  # part of every docker object name
@@ -29,7 +30,7 @@ LAB_VARS = frozenset({"netloom_underlay_ip", "netloom_underlay_interface", "netl
 TOP_KEYS = {"name", "description", "networks", "defaults", "nodes"}
 NETWORK_KEYS = {"subnet", "gateway"}
 DEFAULT_KEYS = {"routes", "sysctls", "vars"}
-NODE_KEYS = {"groups", "networks", "docker", "routes", "sysctls", "vars", "services"}
+NODE_KEYS = {"groups", "networks", "docker", "routes", "sysctls", "vars", "services", "images"}
 ROUTE_KEYS = {"to", "via", "dev", "state"}
 SERVICE_KINDS = {"echo"}
 ECHO_KEYS = {"address", "port"}
@@ -80,6 +81,7 @@ class Node:
     sysctls: dict[str, str]
     vars: dict[str, Any]
     echo: tuple[Echo, ...]
+    images: tuple[str, ...] = ()  # workload images loaded into the node's own dockerd
 
     @property
     def underlay(self) -> str:
@@ -266,8 +268,25 @@ def _node(name: str, spec: Any, networks: dict[str, Network], default_routes: li
     sysctls = {**default_sysctls, **_sysctls(f"{where}.sysctls", spec.get("sysctls", {}))}
     host_vars = {**default_vars, **_vars(f"{where}.vars", spec.get("vars", {}))}
     echo = _services(f"{where}.services", spec.get("services", {}), addresses)
+    images = _images(f"{where}.images", spec.get("images", []), docker)
     return Node(name, tuple(dict.fromkeys(groups)), addresses, docker, tuple(route for _, route in routes),
-                sysctls, host_vars, echo)
+                sysctls, host_vars, echo, images)
+
+
+def _images(where: str, value: Any, docker: bool) -> tuple[str, ...]:
+    """Workload image names: each must have a recipe, and the node must run its own dockerd."""
+    if not isinstance(value, list):
+        raise TopologyError(where, value, "must be a list of workload image names")
+    if value and not docker:
+        raise TopologyError(where, value, "images are loaded into the node's own dockerd: set docker: true")
+    known = lab_image.workload_names()
+    for name in value:
+        if not isinstance(name, str) or name not in known:
+            raise TopologyError(where, name,
+                                f"no recipe lab/workload_images/{name}/ (known: {', '.join(known)})")
+    if len(set(value)) != len(value):
+        raise TopologyError(where, value, "an image is listed twice")
+    return tuple(value)
 
 
 def _node_addresses(where: str, value: Any, networks: dict[str, Network]) -> dict[str, ipaddress.IPv4Address]:

@@ -2,6 +2,7 @@
 """netloom lab: multi-node labs of systemd containers that Ansible reaches over SSH.
 
     netloom_lab.py image                      build the node image (once per recipe)
+    netloom_lab.py workload-image NAME        build lab/workload_images/NAME (once per recipe)
     netloom_lab.py up --topology FILE         create/repair the lab, write its inventory
     netloom_lab.py restart --topology FILE --node NAME ...   reboot nodes (systemd shutdown and boot)
     netloom_lab.py down --topology FILE       remove everything the lab made
@@ -31,6 +32,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="netloom_lab.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("image", help="build the lab node image unless the engine has the current one")
+    workload = commands.add_parser("workload-image", help="build a workload image from "
+                                   "lab/workload_images/NAME unless the engine has the current one")
+    workload.add_argument("name", help=f"recipe name ({', '.join(lab_image.workload_names())})")
     up = commands.add_parser("up", help="bring a lab up (idempotent) and write its Ansible inventory")
     up.add_argument("--topology", type=Path, required=True, help="lab topology YAML (lab/topologies/*.yml)")
     up.add_argument("--inventory-file", type=Path, default=lab_docker.DEFAULT_INVENTORY,
@@ -61,6 +65,9 @@ def main(argv: list[str]) -> int:
         if args.command == "image":
             tag = lab_image.ensure_image(client, lab_docker.STATE_DIR, say)
             say(f"image: {tag}")
+        elif args.command == "workload-image":
+            tag = lab_image.workload_image(args.name, client, lab_docker.STATE_DIR, say)
+            say(f"workload image: {tag} (also {tag.rpartition(':')[0]}:latest)")
         elif args.command == "up":
             lab = lab_docker.Lab(client, topology, say)
             lab.up(args.inventory_file.resolve(),

@@ -6,6 +6,7 @@ import ipaddress
 import pathlib
 from typing import Any
 
+import lab_image
 import lab_topology
 import pytest
 from lab_topology import NodeAccess, TopologyError
@@ -168,3 +169,56 @@ def test_molecule_instance_config_lists_every_node() -> None:
         {"instance": "a", "address": "127.0.0.1", "user": "root", "port": 32801, "identity_file": str(KEY)},
         {"instance": "b", "address": "127.0.0.1", "user": "root", "port": 32802, "identity_file": str(KEY)},
     ]
+
+
+@pytest.fixture
+def workload_recipes(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A workload_images directory with one recipe, `web`."""
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "packages.txt").write_text("nginx-light\n")
+    (tmp_path / "web" / "image.yml").write_text('cmd: ["nginx"]\nexpose: [80]\n')
+    monkeypatch.setattr(lab_image, "WORKLOADS_DIR", tmp_path)
+    return tmp_path
+
+
+def test_node_images_are_workload_recipes_loaded_into_its_dockerd(workload_recipes: pathlib.Path) -> None:
+    lab = lab_topology.parse(small(**{"nodes.a.docker": True, "nodes.a.images": ["web"]}))
+    assert lab.nodes["a"].images == ("web",)
+    assert lab.nodes["b"].images == ()
+
+
+@pytest.mark.parametrize(("images", "docker", "value"), [
+    ("web", True, "web"),                  # not a list
+    (["db"], True, "db"),                  # no recipe
+    (["../web"], True, "../web"),          # not a recipe name
+    (["web", "web"], True, ["web", "web"]),
+    (["web"], False, ["web"]),             # the node has no dockerd to load it into
+])
+def test_bad_node_images_are_rejected_naming_the_field(workload_recipes: pathlib.Path, images: Any,
+                                                        docker: bool, value: Any) -> None:
+    with pytest.raises(TopologyError) as raised:
+        lab_topology.parse(small(**{"nodes.a.docker": docker, "nodes.a.images": images}))
+    assert (raised.value.where, raised.value.value) == ("nodes.a.images", value)
+
+
+def test_workload_image_yml_becomes_import_changes(workload_recipes: pathlib.Path) -> None:
+    (workload_recipes / "web" / "image.yml").write_text(
+        'entrypoint: ["/init"]\ncmd: ["-v"]\nexpose: [80, 53/udp]\nenv: {A: "1 2"}\nworkdir: /srv\n')
+    recipe = lab_image.workload_recipe("web")
+    assert recipe.repository == "netloom-lab/web"
+    assert recipe.tag == f"netloom-lab/web:{lab_image.recipe_hash(workload_recipes / 'web')}"
+    assert recipe.changes == ('ENTRYPOINT ["/init"]', 'CMD ["-v"]', "EXPOSE 80", "EXPOSE 53/udp",
+                              'ENV A="1 2"', "WORKDIR /srv")
+
+
+@pytest.mark.parametrize("text", ['cmd: "nginx -g"\n', "stopsignal: SIGTERM\n", "expose: [http]\n",
+                                  "volumes: [data]\n", "- a list\n"])
+def test_bad_image_yml_is_refused_before_a_build(workload_recipes: pathlib.Path, text: str) -> None:
+    (workload_recipes / "web" / "image.yml").write_text(text)
+    with pytest.raises(lab_image.ImageError, match=r"image\.yml"):
+        lab_image.workload_recipe("web")
+
+
+def test_unknown_workload_image_names_the_known_ones(workload_recipes: pathlib.Path) -> None:
+    with pytest.raises(lab_image.ImageError, match=r"'db'.*known: web"):
+        lab_image.workload_recipe("db")
