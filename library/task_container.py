@@ -82,6 +82,12 @@ options:
     description: The overlay bridge; its gateway address tells the allocator this runner's subnet.
     type: str
     default: kohaku-overlay
+  subnet:
+    description:
+      - The runner's overlay subnet (e.g. 10.1.0.0/16), which the runner_workloads role passes. Checked
+        against the bridge; lets check mode plan on a runner whose overlay is not converged yet. Left
+        out, the bridge's gateway address gives it.
+    type: str
   default_network:
     description: The Docker network used with O(network=default).
     type: str

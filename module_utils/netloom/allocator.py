@@ -63,7 +63,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError, ipv4_address
+from ansible.module_utils.netloom.common import (
+    ChangePlan,
+    CommandError,
+    InputError,
+    ipv4_address,
+    ipv4_network,
+)
 from ansible.module_utils.netloom.files import read_text, write_file
 from ansible.module_utils.netloom.plan import HUB_HOST_OFFSET, RunnerAddressing
 
@@ -87,19 +93,55 @@ def state_root() -> str:
     return os.environ.get("NETLOOM_STATE_ROOT") or "/"
 
 
-def addressing_from_bridge(interface: ipaddress.IPv4Interface, runner_id: int = 0) -> RunnerAddressing:
-    """A runner's addresses from its bridge's gateway address (10.N.0.1/16), as AddressPlan.runner
-    derives them: the bridge is the live truth of which subnet this runner has. runner_id is not
-    implied by the subnet alone and only informs messages."""
-    subnet = interface.network
+def addressing_from_subnet(subnet: ipaddress.IPv4Network, runner_id: int = 0) -> RunnerAddressing:
+    """A runner's addresses from its subnet, as AddressPlan.runner derives them (gateway +1, hub
+    +254 or the last usable address). runner_id is not implied by the subnet and only informs."""
     offset = subnet.network_address
-    if interface.ip != offset + 1:
-        raise InputError("bridge address", str(interface),
-                         f"the overlay bridge holds {interface}, not the gateway {offset + 1} of {subnet}")
     last = subnet.broadcast_address - 1
     return RunnerAddressing(runner_id=runner_id, subnet=subnet, gateway=offset + 1,
                             hub_address=min(offset + HUB_HOST_OFFSET, last),
                             first_workload=offset + 2, last_workload=last)
+
+
+def addressing_from_bridge(interface: ipaddress.IPv4Interface, runner_id: int = 0) -> RunnerAddressing:
+    """A runner's addresses from its bridge's gateway address (10.N.0.1/16): the bridge is the live
+    truth of which subnet this runner has."""
+    subnet = interface.network
+    if interface.ip != subnet.network_address + 1:
+        raise InputError("bridge address", str(interface),
+                         f"the overlay bridge holds {interface}, not the gateway "
+                         f"{subnet.network_address + 1} of {subnet}")
+    return addressing_from_subnet(subnet, runner_id)
+
+
+def open_runner_allocator(module: Any, nl: Any, docker_client: Any, bridge: str, network: str,
+                          subnet: Any = None, required: bool = True) -> OverlayAllocator | None:
+    """The runner's allocator, addressed from the live bridge or from `subnet` (option `subnet`).
+
+    With `subnet` given it must match the bridge when the bridge exists; while the bridge does not
+    exist yet (overlay_runner converges it earlier in the same run) only check mode may go on, so
+    check mode on a never-converged runner still reports the address the real run would take.
+    Without a bridge or subnet: an InputError when `required`, else None.
+    """
+    gateway = [interface for interface in nl.dump().addresses_of(bridge) if interface.network.prefixlen < 31]
+    live = addressing_from_bridge(gateway[0]) if gateway else None
+    if subnet not in (None, ""):
+        wanted = addressing_from_subnet(ipv4_network("subnet", subnet))
+        if live is not None and live.subnet != wanted.subnet:
+            raise InputError("subnet", subnet, f"the overlay bridge {bridge} holds {gateway[0]} "
+                                               f"(subnet {live.subnet})")
+        if live is None and required and not module.check_mode:
+            raise InputError("overlay_bridge", bridge, "has no IPv4 address on this runner (converge "
+                                                       "overlay_runner first)")
+        if live is None:
+            module.warn(f"check mode: {bridge} does not exist yet; planning with subnet {wanted.subnet}")
+        live = wanted
+    if live is None:
+        if required:
+            raise InputError("overlay_bridge", bridge, "has no IPv4 address on this runner (converge "
+                                                       "overlay_runner first, or use the default network)")
+        return None
+    return OverlayAllocator(module, live, nl=nl, docker_client=docker_client, bridge=bridge, network=network)
 
 
 def allocation_key(field_name: str, value: Any) -> str:

@@ -21,7 +21,7 @@ from ansible.module_utils.netloom.allocator import (
     DEFAULT_BRIDGE,
     DEFAULT_NETWORK,
     OverlayAllocator,
-    addressing_from_bridge,
+    open_runner_allocator,
 )
 from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError
 from ansible.module_utils.netloom.workload import (
@@ -74,6 +74,7 @@ WORKLOAD_OPTIONS: dict[str, dict[str, Any]] = {
     "address": {"type": "str"},
     "overlay_network": {"type": "str", "default": DEFAULT_NETWORK},
     "overlay_bridge": {"type": "str", "default": DEFAULT_BRIDGE},
+    "subnet": {"type": "str"},
     "default_network": {"type": "str", "default": DEFAULT_NETWORK_FALLBACK},
     "shared_dir": {"type": "path", "default": "/var/lib/kohakuriver/shared"},
     "logs_dir": {"type": "path", "default": "/var/lib/kohakuriver/logs"},
@@ -185,20 +186,11 @@ class WorkloadManager:
                                               ref, force=True))
 
     def open_allocator(self) -> OverlayAllocator | None:
-        """The runner's allocator, addressed from the live overlay bridge; None when the runner has no
-        overlay bridge and none is needed (the default network, or a removal)."""
-        bridge = self.params["overlay_bridge"]
-        snapshot = self.nl.dump()
-        gateway = [interface for interface in snapshot.addresses_of(bridge)
-                   if interface.network.prefixlen < 31]
-        if not gateway:
-            if self.params["network"] == "overlay" and self.params["state"] not in ("absent", "stopped"):
-                raise InputError("overlay_bridge", bridge, "has no IPv4 address on this runner (converge "
-                                                           "overlay_runner first, or use network=default)")
-            return None
-        return OverlayAllocator(self.module, addressing_from_bridge(gateway[0]), nl=self.nl,
-                                docker_client=self.client, bridge=bridge,
-                                network=self.params["overlay_network"])
+        """The runner's allocator; None when the runner has no overlay and none is needed (the default
+        network, or a removal)."""
+        needed = self.params["network"] == "overlay" and self.params["state"] == "present"
+        return open_runner_allocator(self.module, self.nl, self.client, self.params["overlay_bridge"],
+                                     self.params["overlay_network"], self.params["subnet"], needed)
 
     def locked(self) -> Any:
         """The allocator lock for the rest of the run (nothing to lock without an overlay)."""
@@ -231,7 +223,10 @@ class WorkloadManager:
             self.client.inspect_network(name)
         except NotFound:
             field = "overlay_network" if overlay else "default_network"
-            raise InputError(field, name, "no such Docker network on this runner") from None
+            if not self.module.check_mode:
+                raise InputError(field, name, "no such Docker network on this runner") from None
+            self.module.warn(f"check mode: Docker network {name} does not exist yet "
+                             "(overlay_runner makes it)")
         except DockerException as err:
             raise CommandError(f"inspecting network {name}: {err}") from None
         return name
