@@ -339,8 +339,8 @@ class TaskManager(WorkloadManager):
             return
         self.save_logs()
 
-    def logs(self) -> dict[str, bytes]:
-        return {stream: api(f"reading the {stream} of {self.name}", self.client.logs, self.name,
+    def logs(self, ref: str | None = None) -> dict[str, bytes]:
+        return {stream: api(f"reading the {stream} of {self.name}", self.client.logs, ref or self.name,
                             stdout=stream == "stdout", stderr=stream == "stderr")
                 for stream in LOG_STREAMS}
 
@@ -378,10 +378,8 @@ class TaskManager(WorkloadManager):
             task["status"] = container_status(state, kernel_oom)
             task["exit_code"] = state.get("ExitCode")
             task["oom_killed"] = bool(state.get("OOMKilled")) or kernel_oom
-            for stream in LOG_STREAMS:
-                data = api(f"reading the {stream} of {self.name}", self.client.logs, live["Id"],
-                           stdout=stream == "stdout", stderr=stream == "stderr",
-                           tail=self.tail_lines or "all")
+            # Docker's own `tail` counts lines of both streams before it filters one: tail here.
+            for stream, data in self.logs(live["Id"]).items():
                 task[f"{stream}_tail"] = tail(data.decode("utf-8", "replace"), self.tail_lines)
         if live is None or (self.state == "absent" and not self.module.check_mode):
             task.update(container_id=None, status="absent", address=None, network=None)
