@@ -116,7 +116,7 @@ from ansible.module_utils.netloom.allocator import (
     allocation_key,
     open_runner_allocator,
 )
-from ansible.module_utils.netloom.common import ChangePlan, finish
+from ansible.module_utils.netloom.common import ChangePlan, InputError, finish
 from ansible.module_utils.netloom.netlink import Netlink, run_with_netlink
 from ansible.module_utils.netloom.workload_docker import DEFAULT_DOCKER_HOST, api
 
@@ -146,7 +146,8 @@ class AddressManager:
         client = api(f"connecting to Docker at {host}", docker.APIClient, base_url=host, version="auto")
         allocator = open_runner_allocator(self.module, self.nl, client, self.params["overlay_bridge"],
                                           self.params["overlay_network"], self.params["subnet"])
-        assert allocator is not None  # required: an error was raised without a bridge or subnet
+        if allocator is None:  # required=True raises instead; kept for the type
+            raise InputError("overlay_bridge", self.params["overlay_bridge"], "has no IPv4 address")
         addressing = allocator.addressing
         with allocator.locked():
             freed = allocator.reconcile(self.plan)

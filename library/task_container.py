@@ -279,9 +279,9 @@ class TaskManager(WorkloadManager):
             self.plan.add(f"container {self.name}", "start", None, "wait" if self.wait else "detached",
                           self.start_and_wait)
             return
-        assert self.container is not None
+        container = self.require_container()
         self.plan_limits()
-        status = container_status(self.container["State"])
+        status = container_status(container["State"])
         if status == "paused":
             self.plan.add(f"container {self.name}", "resume", "paused", "running",
                           lambda: api(f"resuming {self.name}", self.client.unpause, self.name))

@@ -130,7 +130,7 @@ options:
     type: str
     default: 127.0.0.1
   ssh_port:
-    description: Host port for SSH; V(0) lets Docker choose one (returned in RV(vps.ssh.port)).
+    description: Host port for SSH; V(0) lets Docker choose one (returned in RV(vps)).
     type: int
     default: 0
   snapshots_keep:
@@ -344,17 +344,17 @@ class VpsManager(WorkloadManager):
 
     def plan_snapshot(self, base_image: str) -> None:
         """docker commit of the container (kept labels say whose and of which base image it is)."""
-        assert self.container is not None
+        container = self.require_container()
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         tag = f"snapshot-{stamp}"
-        ref = self.container["Id"]
+        ref = container["Id"]
         changes = [f"LABEL {SNAPSHOT_OF_LABEL}={self.ident}", f"LABEL {SNAPSHOT_IMAGE_LABEL}={base_image}",
                    f"LABEL {SNAPSHOT_TIME_LABEL}={stamp}"]
         full = f"{self.repository}:{tag}"
         self.plan.add(f"snapshot {full}", "create", None, full,
                       lambda: api(f"committing {self.name}", self.client.commit, ref,
                                   repository=self.repository, tag=tag, changes=changes))
-        labels = dict(self.container["Config"].get("Labels") or {})
+        labels = dict(container["Config"].get("Labels") or {})
         self.snapshots.append({"tag": full, "base": base_image, "time": stamp, "labels": labels})
         self.snapshot_taken = full
         for old in self.snapshots[:-self.keep]:
@@ -364,11 +364,11 @@ class VpsManager(WorkloadManager):
         self.snapshots = self.snapshots[-self.keep:]
 
     def plan_snapshot_and_remove(self, reason: str, snapshot: bool) -> None:
-        assert self.container is not None
+        container = self.require_container()
         if snapshot:
-            labels = self.container["Config"].get("Labels") or {}
+            labels = container["Config"].get("Labels") or {}
             base = labels.get(SNAPSHOT_IMAGE_LABEL) if RESTORED_LABEL in labels else None
-            self.plan_snapshot(base or self.base_image_of(self.container))
+            self.plan_snapshot(base or self.base_image_of(container))
         self.plan_remove(reason)
 
     @staticmethod
@@ -414,10 +414,10 @@ class VpsManager(WorkloadManager):
         self.decision = self.decide(spec)
         self.plan_directories()
         if self.decision.action == "keep":
-            assert self.container is not None
+            container = self.require_container()
             self.adopted = True
             self.plan_limits()
-            status = container_status(self.container["State"])
+            status = container_status(container["State"])
             if status == "paused":
                 self.plan.add(f"container {self.name}", "resume", "paused", "running",
                               lambda: api(f"resuming {self.name}", self.client.unpause, self.name))

@@ -197,6 +197,12 @@ class WorkloadManager:
         self.allocator = self.open_allocator()
         return self.allocator.locked() if self.allocator is not None else contextlib.nullcontext()
 
+    def require_container(self) -> dict[str, Any]:
+        """The owned container, where the plan depends on one having been found."""
+        if self.container is None:
+            raise CommandError(f"{self.name}: planned a change of a container that was not found")
+        return self.container
+
     def current_address(self) -> ipaddress.IPv4Address | None:
         if self.container is None:
             return None
@@ -288,19 +294,19 @@ class WorkloadManager:
                       {"image": image, "spec": spec, "cpus": self.cpus, "memory": self.memory}, create)
 
     def plan_remove(self, reason: str) -> None:
-        assert self.container is not None
-        ref = self.container["Id"]
+        container = self.require_container()
+        ref = container["Id"]
         self.plan.add(f"container {self.name}", "delete", {"id": ref[:12], "reason": reason}, None,
                       lambda: api(f"removing {self.name}", self.client.remove_container, ref, force=True))
 
     def plan_limits(self) -> None:
         """cpus/memory changed on a kept container: `docker update`, no recreate."""
-        assert self.container is not None
-        updates = limit_updates(self.container["HostConfig"], self.cpus, self.memory)
+        container = self.require_container()
+        updates = limit_updates(container["HostConfig"], self.cpus, self.memory)
         if not updates:
             return
-        ref = self.container["Id"]
-        live = self.container["HostConfig"]
+        ref = container["Id"]
+        live = container["HostConfig"]
         self.plan.add(f"container {self.name} limits", "update",
                       {"cpu_quota": live.get("CpuQuota"), "memory": live.get("Memory")},
                       {"cpu_quota": updates["cpu_quota"], "memory": updates["mem_limit"]},
