@@ -115,8 +115,12 @@ def command_succeeds(argv: list[str]) -> bool:
         return False
 
 
-def finish(module: Any, plan: ChangePlan, **result: Any) -> None:
+def finish(module: Any, plan: ChangePlan, describe: Callable[[], dict[str, Any]] | None = None,
+           **result: Any) -> None:
     """Execute the plan unless in check mode and exit with changed, diff and the steps.
+
+    describe: called after the plan ran (or would have, in check mode) for results only the
+    changed node can tell, such as the id of a container the plan created.
 
     A step that fails ends the run with fail_json that still says what was changed: `changed`
     is true when any step before it was done, `changes` lists those steps and `failed_step`
@@ -134,6 +138,8 @@ def finish(module: Any, plan: ChangePlan, **result: Any) -> None:
     if module._diff:  # pylint: disable=protected-access
         payload["diff"] = plan.diff()
     payload.update(result)
+    if describe is not None:
+        payload.update(describe())
     module.exit_json(**payload)
 
 
