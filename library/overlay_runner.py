@@ -44,7 +44,7 @@ description:
     the hub anchor and hub-mode runners are still reached through the hub (a cluster can move runner
     by runner; the hub's routes are the same for both kinds)."
   - "In direct mode the mesh link is an overlay interface of C(NETLOOM-OVLRUN-FWD) and of firewalld's
-    trusted zone, and netloom-owned C(NETLOOM-OVLRUN-IN) (INPUT) accepts UDP I(port) to I(underlay_ip)
+    trusted zone, and netloom-owned C(NETLOOM-OVLRUN-IN) (INPUT) accepts UDP I(port) to any local address
     only from the hub and the declared peers (a VXLAN link decapsulates whatever arrives with its
     VNI, so an undeclared underlay host could otherwise inject frames). Hub mode removes the mesh
     link and that chain."
@@ -270,17 +270,17 @@ INPUT_CHAIN = "NETLOOM-OVLRUN-IN"
 
 
 def vxlan_input_chain(underlay_ip: str | None, port: int, senders: list[str]) -> OwnedChain:
-    """Direct mode: VXLAN to this runner's underlay IP only from the hub and the declared peers.
+    """Direct mode: VXLAN to this runner only from the hub and the declared peers.
 
     A VXLAN device decapsulates whatever arrives on its port with its VNI, whoever sent it; with
-    a mesh, any host on the underlay could inject frames into the overlay as a peer. The UDP
-    port is netloom's on the underlay address (both VXLAN links listen there), so every other
-    sender is dropped before decapsulation. Without `underlay_ip` (hub mode, absent) the chain
-    is not wanted.
+    a mesh, any host on the underlay could inject frames into the overlay as a peer. The kernel's
+    VXLAN socket listens on every local address, not only the underlay IP, so the match is the
+    UDP port to any local address (INPUT sees only those): every other sender is dropped before
+    decapsulation. Without `underlay_ip` (hub mode, absent) the chain is not wanted.
     """
     rules: tuple[str, ...] = ()
     if underlay_ip is not None:
-        match = f"-d {underlay_ip}/32 -p udp -m udp --dport {port}"
+        match = f"-p udp -m udp --dport {port}"
         rules = (*(f"-s {sender}/32 {match} -j RETURN" for sender in senders), f"{match} -j DROP")
     return OwnedChain("filter", INPUT_CHAIN, ("INPUT",), rules)
 

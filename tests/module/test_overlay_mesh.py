@@ -186,9 +186,9 @@ def test_a_peer_no_longer_declared_is_removed_and_hub_mode_removes_the_mesh(trio
     assert mesh_view(ns) == expected_view(1, (2,))
     assert ns.sh("iptables -S NETLOOM-OVLRUN-IN").splitlines() == [
         "-N NETLOOM-OVLRUN-IN",
-        f"-A NETLOOM-OVLRUN-IN -s {HUB}/32 -d {UNDERLAY[1]}/32 -p udp -m udp --dport 4789 -j RETURN",
-        f"-A NETLOOM-OVLRUN-IN -s {UNDERLAY[2]}/32 -d {UNDERLAY[1]}/32 -p udp -m udp --dport 4789 -j RETURN",
-        f"-A NETLOOM-OVLRUN-IN -d {UNDERLAY[1]}/32 -p udp -m udp --dport 4789 -j DROP"]
+        f"-A NETLOOM-OVLRUN-IN -s {HUB}/32 -p udp -m udp --dport 4789 -j RETURN",
+        f"-A NETLOOM-OVLRUN-IN -s {UNDERLAY[2]}/32 -p udp -m udp --dport 4789 -j RETURN",
+        f"-A NETLOOM-OVLRUN-IN -p udp -m udp --dport 4789 -j DROP"]
     assert f"-i {MESH} -j ACCEPT" in ns.sh("iptables -S NETLOOM-OVLRUN-FWD").replace("-s 10.0.0.0/8 ", "")
 
     back = runner_run(ns, args(1, overlay_mode="hub"))
@@ -220,6 +220,14 @@ def test_vxlan_from_an_undeclared_underlay_host_is_dropped(trio: dict[int, Netns
     assert drop.endswith("-j DROP") and " -c 0 0 " not in drop
     assert mesh_rx_packets(trio[1]) == received
     assert " 0% packet loss" in trio[2].sh("ping -c2 -W2 10.1.0.1")
+
+    # The VXLAN socket listens on every local address: frames sent to another address of
+    # runner1 (not its underlay IP) are dropped as well.
+    trio[1].sh("ip addr add 192.0.2.111/24 dev eth0")
+    trio[3].sh(f"bridge fdb replace {MAC[1]} dev forged dst 192.0.2.111 self permanent")
+    received = mesh_rx_packets(trio[1])
+    trio[3].sh("ping -c2 -W1 -I 10.2.0.1 10.1.0.1", check=False)
+    assert mesh_rx_packets(trio[1]) == received
 
 
 @pytest.mark.parametrize(("overrides", "field", "fragment"), [
