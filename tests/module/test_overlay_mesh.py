@@ -188,7 +188,7 @@ def test_a_peer_no_longer_declared_is_removed_and_hub_mode_removes_the_mesh(trio
         "-N NETLOOM-OVLRUN-IN",
         f"-A NETLOOM-OVLRUN-IN -s {HUB}/32 -p udp -m udp --dport 4789 -j RETURN",
         f"-A NETLOOM-OVLRUN-IN -s {UNDERLAY[2]}/32 -p udp -m udp --dport 4789 -j RETURN",
-        f"-A NETLOOM-OVLRUN-IN -p udp -m udp --dport 4789 -j DROP"]
+        "-A NETLOOM-OVLRUN-IN -p udp -m udp --dport 4789 -j DROP"]
     assert f"-i {MESH} -j ACCEPT" in ns.sh("iptables -S NETLOOM-OVLRUN-FWD").replace("-s 10.0.0.0/8 ", "")
 
     back = runner_run(ns, args(1, overlay_mode="hub"))

@@ -83,7 +83,7 @@ def test_direct_runners_have_exactly_one_mesh_entry_set_per_peer(own, peer):
         f"-A NETLOOM-OVLRUN-IN -s {HUB}/32 -p udp -m udp --dport 4789 -j RETURN",
         f"-A NETLOOM-OVLRUN-IN -s {UNDERLAY[peer]}/32 -p udp -m udp --dport 4789"
         " -j RETURN",
-        f"-A NETLOOM-OVLRUN-IN -p udp -m udp --dport 4789 -j DROP"]
+        "-A NETLOOM-OVLRUN-IN -p udp -m udp --dport 4789 -j DROP"]
     # The hub link stays for the hub anchor and the hub-mode runners.
     assert f"via 10.{own}.0.254 dev kohaku-overlay" in host.check_output("ip route show 10.0.0.0/8")
 
