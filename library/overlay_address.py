@@ -29,10 +29,11 @@ options:
   owner:
     description:
       - Owner kind recorded with the key. V(reservation) keys are never freed by reconciliation;
-        V(container) keys are freed when no container carries their label; V(vm) keys are kept
-        until released.
+        V(vm) keys are kept until released. C(container) keys belong to task_container and
+        vps_container, which label their containers with the key; reserved here, with no labelled
+        container, reconciliation would free such a key on every run, so it is not offered.
     type: str
-    choices: [reservation, container, vm]
+    choices: [reservation, vm]
     default: reservation
   address:
     description:
@@ -112,13 +113,16 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.netloom.allocator import (
     DEFAULT_BRIDGE,
     DEFAULT_NETWORK,
-    OWNER_KINDS,
     allocation_key,
     open_runner_allocator,
 )
 from ansible.module_utils.netloom.common import ChangePlan, InputError, finish
 from ansible.module_utils.netloom.netlink import Netlink, run_with_netlink
 from ansible.module_utils.netloom.workload_docker import DEFAULT_DOCKER_HOST, api
+
+# Owner kinds this module records: a `container` key here would have no labelled container, so
+# reconciliation would free it and the next run reserve it again (never idempotent).
+MODULE_OWNERS = ("reservation", "vm")
 
 try:
     import docker
@@ -167,7 +171,7 @@ def main() -> None:
         argument_spec={
             "key": {"type": "str", "required": True, "no_log": False},
             "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
-            "owner": {"type": "str", "choices": list(OWNER_KINDS[::-1]), "default": "reservation"},
+            "owner": {"type": "str", "choices": list(MODULE_OWNERS), "default": "reservation"},
             "address": {"type": "str"},
             "overlay_bridge": {"type": "str", "default": DEFAULT_BRIDGE},
             "subnet": {"type": "str"},

@@ -200,10 +200,11 @@ changes:
 
 import errno
 import os
+import stat
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import InputError, finish, int_range
+from ansible.module_utils.netloom.common import CommandError, InputError, execute_plan, finish, int_range
 from ansible.module_utils.netloom.files import read_bytes, write_file
 from ansible.module_utils.netloom.netlink import run_with_netlink
 from ansible.module_utils.netloom.workload import EXIT_KILLED, container_status, oom_in_kernel_log, tail
@@ -211,6 +212,21 @@ from ansible.module_utils.netloom.workload_docker import WORKLOAD_OPTIONS, Workl
 
 FINISHED = ("completed", "killed", "oom", "failed")
 LOG_STREAMS = ("stdout", "stderr")
+# Task output may hold secrets: readable by root and the group, not by others.
+LOG_MODE = 0o640
+LOG_DIR_MODE = 0o750
+
+
+def file_mode(path: str) -> int | None:
+    """A file's permission bits; None when it does not exist."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return None
+
+
+def write_log(module: AnsibleModule, path: str, data: bytes) -> None:
+    write_file(module, path, data, mode=LOG_MODE, dir_mode=LOG_DIR_MODE)
 
 
 def kernel_log() -> list[bytes]:
@@ -246,6 +262,7 @@ class TaskManager(WorkloadManager):
         self.tail_lines = int_range("tail_lines", self.params["tail_lines"], 0, 100000)
         self.logs_path = os.path.join(self.params["logs_dir"], self.address_key)
         self.temp_path = os.path.join(self.params["temp_dir"], self.address_key)
+        self.started = False  # set when this run started the container
         if self.state == "present":
             self.validate_spec()
 
@@ -254,6 +271,8 @@ class TaskManager(WorkloadManager):
         if self.state == "present":
             self.check_image(self.image)
         self.find_owned()
+        # The runner-wide allocator lock covers the plan (address, create, start) only: waiting
+        # for the task to exit happens after it is released, so other workloads are not blocked.
         with self.locked():
             if self.state == "present":
                 self.plan_present()
@@ -261,8 +280,9 @@ class TaskManager(WorkloadManager):
                 self.plan_absent()
             else:
                 self.plan_signal()
-            finish(self.module, self.plan, describe=self.report,
-                   recreate_reason=self.decision.reason if self.decision.action == "recreate" else None)
+            execute_plan(self.module, self.plan)
+        finish(self.module, self.plan, describe=self.report, executed=True,
+               recreate_reason=self.decision.reason if self.decision.action == "recreate" else None)
 
     # ---- planning ----
 
@@ -276,8 +296,8 @@ class TaskManager(WorkloadManager):
             if self.decision.action == "recreate":
                 self.plan_remove(self.decision.reason or "")
             self.plan_create(spec, self.image)
-            self.plan.add(f"container {self.name}", "start", None, "wait" if self.wait else "detached",
-                          self.start_and_wait)
+            # after None: the diff keeps the create step's spec under the same key
+            self.plan.add(f"container {self.name}", "start", None, None, self.start)
             return
         container = self.require_container()
         self.plan_limits()
@@ -286,7 +306,7 @@ class TaskManager(WorkloadManager):
             self.plan.add(f"container {self.name}", "resume", "paused", "running",
                           lambda: api(f"resuming {self.name}", self.client.unpause, self.name))
         elif status == "created":
-            self.plan.add(f"container {self.name}", "start", "created", "running", self.start_and_wait)
+            self.plan.add(f"container {self.name}", "start", "created", "running", self.start)
         elif status in FINISHED:
             self.plan_logs()
 
@@ -324,17 +344,17 @@ class TaskManager(WorkloadManager):
         api(f"killing {self.name}", self.client.kill, self.name)
         self.save_logs()
 
-    def start_and_wait(self) -> None:
+    def start(self) -> None:
+        """Start only: the wait comes after the plan, outside the allocator lock (see report)."""
         api(f"starting {self.name}", self.client.start, self.name)
-        if self.wait:
-            self.wait_for_exit()
+        self.started = True
 
     def wait_for_exit(self) -> None:
         try:
             self.client.wait(self.name, timeout=self.wait_timeout)
         except Exception as err:  # requests' ReadTimeout/ConnectionError: still running
             if "timed out" not in str(err).lower() and "timeout" not in type(err).__name__.lower():
-                raise
+                raise CommandError(f"waiting for {self.name}: {err}") from None
             self.module.warn(f"{self.name} still runs after {self.wait_timeout} s; it goes on detached")
             return
         self.save_logs()
@@ -348,25 +368,30 @@ class TaskManager(WorkloadManager):
         return os.path.join(self.logs_path, f"{stream}.log")
 
     def plan_logs(self) -> None:
-        """A finished task's full output kept under its logs mount (written once it has exited)."""
+        """A finished task's full output kept under its logs mount (written once it has exited);
+        a log file left readable by others (older netloom wrote 0644) is narrowed to LOG_MODE."""
         for stream, data in self.logs().items():
             path = self.log_file(stream)
-            if read_bytes(path) != data:
-                self.plan.add(f"file {path}", "update", None, f"{len(data)} bytes",
-                              lambda path=path, data=data: write_file(self.module, path, data, mode=0o644))
+            if read_bytes(path) != data or file_mode(path) != LOG_MODE:
+                self.plan.add(f"file {path}", "update", None, f"{len(data)} bytes, mode {LOG_MODE:04o}",
+                              lambda path=path, data=data: write_log(self.module, path, data))
 
     def save_logs(self) -> None:
         for stream, data in self.logs().items():
-            if read_bytes(self.log_file(stream)) != data:
-                write_file(self.module, self.log_file(stream), data, mode=0o644)
+            path = self.log_file(stream)
+            if read_bytes(path) != data or file_mode(path) != LOG_MODE:
+                write_log(self.module, path, data)
 
     # ---- the result ----
 
     def report(self) -> dict[str, Any]:
-        if self.state == "present" and self.wait and not self.module.check_mode and not self.plan.changed:
+        """Wait (lock released) for a task this run started or found running, then describe it."""
+        if self.state == "present" and self.wait and not self.module.check_mode:
             live = self.inspect(self.name)
             if live is not None and container_status(live["State"]) == "running":
-                self.wait_for_exit()  # an already running task: waiting is not a change
+                self.wait_for_exit()  # waiting for an already running task is not a change
+            elif live is not None and self.started:
+                self.save_logs()  # it exited before the wait began
         self.describe()
         task = dict(self.result, exit_code=None, oom_killed=None, stdout_tail=None, stderr_tail=None,
                     logs={stream: self.log_file(stream) for stream in LOG_STREAMS})

@@ -203,8 +203,13 @@ ssh_public_key:
   returned: always
   type: str
 ssh_private_key:
-  description: The generated private key, only in the run that generated it; null otherwise.
-  returned: when a key pair was generated
+  description:
+    - The generated private key, only in the run that generated it; null otherwise. A secret - run
+      the task with C(no_log). The key pair is generated before the container is created, and a
+      run that fails after generating it still returns it (with RV(ssh_public_key)) in the failure
+      result, since the public key may already be recorded in the container's label and the pair
+      is never generated again.
+  returned: when a key pair was generated (also in a failed run's result)
   type: str
 snapshot:
   description: The snapshot image taken in this run, or null.
@@ -236,7 +241,14 @@ import tempfile
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom.common import InputError, finish, int_range, ipv4_address, run_command
+from ansible.module_utils.netloom.common import (
+    InputError,
+    execute_plan,
+    finish,
+    int_range,
+    ipv4_address,
+    run_command,
+)
 from ansible.module_utils.netloom.netlink import run_with_netlink
 from ansible.module_utils.netloom.workload import (
     RESTORED_LABEL,
@@ -247,7 +259,13 @@ from ansible.module_utils.netloom.workload import (
     container_status,
     ssh_public_key,
 )
-from ansible.module_utils.netloom.workload_docker import WORKLOAD_OPTIONS, WorkloadManager, api, remove_tree
+from ansible.module_utils.netloom.workload_docker import (
+    WORKLOAD_OPTIONS,
+    WorkloadManager,
+    api,
+    masked_spec,
+    remove_tree,
+)
 
 SSH_PORT = "22/tcp"
 RESTART_POLICY = "unless-stopped"
@@ -324,8 +342,17 @@ class VpsManager(WorkloadManager):
                 self.allocator.release(self.plan, self.address_key)
             if self.state == "absent":
                 self.plan_absent()
-            finish(self.module, self.plan, describe=self.report,
+            # A key generated before a later step failed is returned in the failure result too:
+            # its public half may already be in a container label, so it is never generated again.
+            execute_plan(self.module, self.plan, on_failure=self.generated_key)
+            finish(self.module, self.plan, describe=self.report, executed=True,
                    recreate_reason=self.decision.reason if self.decision.action == "recreate" else None)
+
+    def generated_key(self) -> dict[str, Any]:
+        """The failure result's share of a key pair generated in this run (none: nothing)."""
+        if self.private_key is None:
+            return {}
+        return {"ssh_private_key": self.private_key, "ssh_public_key": self.public_key}
 
     # ---- snapshots ----
 
@@ -461,8 +488,9 @@ class VpsManager(WorkloadManager):
                     authorized_keys_archive(self.public_key or ""))
 
         self.plan.add(f"container {self.name}", "create", None,
-                      {"image": source, "spec": spec, "cpus": self.cpus, "memory": self.memory}, create)
-        self.plan_start()
+                      {"image": source, "spec": masked_spec(spec), "cpus": self.cpus, "memory": self.memory},
+                      create)
+        self.plan_start(after=None)
 
     # ---- the result ----
 

@@ -115,8 +115,26 @@ def command_succeeds(argv: list[str]) -> bool:
         return False
 
 
+def execute_plan(module: Any, plan: ChangePlan,
+                 on_failure: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Execute the plan unless in check mode; a failed step ends the run (see `finish`).
+
+    on_failure: extra fields for the failure result, such as a generated private key that
+    would otherwise be lost with the run (declare such a field no_log in the module's RETURN).
+    """
+    if module.check_mode:
+        return
+    try:
+        plan.execute()
+    except PlanFailure as err:
+        module.fail_json(msg=str(err), changed=bool(err.done),
+                         changes=[f"{step.action} {step.key}" for step in err.done],
+                         failed_step=f"{err.step.action} {err.step.key}",
+                         planned=plan.summary(), **(on_failure() if on_failure is not None else {}))
+
+
 def finish(module: Any, plan: ChangePlan, describe: Callable[[], dict[str, Any]] | None = None,
-           **result: Any) -> None:
+           executed: bool = False, **result: Any) -> None:
     """Execute the plan unless in check mode and exit with changed, diff and the steps.
 
     describe: called after the plan ran (or would have, in check mode) for results only the
@@ -125,15 +143,11 @@ def finish(module: Any, plan: ChangePlan, describe: Callable[[], dict[str, Any]]
     A step that fails ends the run with fail_json that still says what was changed: `changed`
     is true when any step before it was done, `changes` lists those steps and `failed_step`
     names the one that failed, so an operator knows what the node now holds.
+    executed: the caller already ran `execute_plan` (under a lock it releases before the
+    result is described, e.g. before waiting for a task to exit).
     """
-    if not module.check_mode:
-        try:
-            plan.execute()
-        except PlanFailure as err:
-            module.fail_json(msg=str(err), changed=bool(err.done),
-                             changes=[f"{step.action} {step.key}" for step in err.done],
-                             failed_step=f"{err.step.action} {err.step.key}",
-                             planned=plan.summary())
+    if not executed:
+        execute_plan(module, plan)
     payload: dict[str, Any] = {"changed": plan.changed, "changes": plan.summary()}
     if module._diff:  # pylint: disable=protected-access
         payload["diff"] = plan.diff()

@@ -59,6 +59,8 @@ else:
     DOCKER_IMPORT_ERROR = None
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+DIR_MODE = 0o750  # workload directories (logs, local temp) may hold secrets
+ENV_MASK = "********"
 DEFAULT_NETWORK_FALLBACK = "kohakuriver-net"
 
 # Argument specs both modules take (each module documents them).
@@ -245,11 +247,12 @@ class WorkloadManager:
                 "mounts": [mount.describe() for mount in self.mounts]}
 
     def plan_directories(self) -> None:
+        """The seed's three directories; 0750, as task output and temp files may hold secrets."""
         for mount in self.mounts[:3]:
             if not os.path.isdir(mount.source):
                 path = mount.source
-                self.plan.add(f"directory {path}", "create", None, path,
-                              lambda path=path: os.makedirs(path, mode=0o755, exist_ok=True))
+                self.plan.add(f"directory {path}", "create", None, f"{path} (mode {DIR_MODE:04o})",
+                              lambda path=path: make_directory(path))
 
     def create_kwargs(self, spec: dict[str, Any], image: str, extra_labels: dict[str, str]) -> dict[str, Any]:
         """create_container's arguments for the spec (the limits as `docker update` sets them)."""
@@ -291,7 +294,8 @@ class WorkloadManager:
             self.result["container_id"] = created["Id"]
 
         self.plan.add(f"container {self.name}", "create", before,
-                      {"image": image, "spec": spec, "cpus": self.cpus, "memory": self.memory}, create)
+                      {"image": image, "spec": masked_spec(spec), "cpus": self.cpus, "memory": self.memory},
+                      create)
 
     def plan_remove(self, reason: str) -> None:
         container = self.require_container()
@@ -312,8 +316,10 @@ class WorkloadManager:
                       {"cpu_quota": updates["cpu_quota"], "memory": updates["mem_limit"]},
                       lambda: api(f"updating {self.name}", self.client.update_container, ref, **updates))
 
-    def plan_start(self) -> None:
-        self.plan.add(f"container {self.name}", "start", None, "running",
+    def plan_start(self, after: str | None = "running") -> None:
+        """after=None right after a create step: the diff keeps the create step's spec under the
+        same key (a later step's `after` replaces an earlier one's)."""
+        self.plan.add(f"container {self.name}", "start", None, after,
                       lambda: api(f"starting {self.name}", self.client.start, self.name))
 
     def decide(self, spec: dict[str, Any]) -> Decision:
@@ -333,6 +339,20 @@ class WorkloadManager:
         if overlay:
             self.result["address"] = overlay.get("IPAddress") or \
                 (overlay.get("IPAMConfig") or {}).get("IPv4Address") or None
+
+
+def make_directory(path: str) -> None:
+    """A workload directory, DIR_MODE whatever the umask (makedirs applies it)."""
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+
+
+def masked_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as diff and results show it: env names kept, values masked (they may be secrets)."""
+    shown = dict(spec)
+    if shown.get("env"):
+        shown["env"] = {name: ENV_MASK for name in shown["env"]}
+    return shown
 
 
 def remove_tree(path: str) -> None:

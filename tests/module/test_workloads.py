@@ -13,8 +13,11 @@ import json
 import os
 import pathlib
 import shutil
+import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -146,6 +149,11 @@ def test_exit_code_status_and_logs(lab: Lab) -> None:
     assert (info["stdout_tail"], info["stderr_tail"]) == ("out2\n", "err\n")
     assert pathlib.Path(info["logs"]["stdout"]).read_text() == "out1\nout2\n"
     assert pathlib.Path(info["logs"]["stderr"]).read_text() == "err\n"
+    # Task output may hold secrets: files 0640 in 0750 directories, not readable by others.
+    for stream in ("stdout", "stderr"):
+        assert stat.S_IMODE(os.stat(info["logs"][stream]).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(pathlib.Path(info["logs"]["stdout"]).parent).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(lab.root / "tmp" / f"task-{lab.ident('exit3')}").st_mode) == 0o750
     assert not ok(task(lab, "exit3", command=["sh", "-c", "echo out1; echo out2; echo err >&2; exit 3"],
                        network="default", tail_lines=1))["changed"]
     done = ok(task(lab, "exit0", command=["true"], network="default"))["task"]
@@ -175,6 +183,36 @@ def test_pause_resume_kill_and_in_place_limits(lab: Lab) -> None:
     assert recreated["recreate_reason"] == "spec changed: command"
     assert recreated["task"]["status"] == "completed" and containers(lab, "task", "long") != ref
     ok(task(lab, "long", state="absent"))
+
+
+def test_the_allocator_lock_is_not_held_while_a_task_runs(lab: Lab) -> None:
+    """A waiting task_container run must not block the runner's other workload modules."""
+    outcome: dict[str, Any] = {}
+    waiting = threading.Thread(target=lambda: outcome.update(
+        task(lab, "waits", command=["sleep", "120"], wait_timeout=300)))
+    waiting.start()
+    try:
+        while not containers(lab, "task", "waits") or json.loads(docker(
+                "inspect", containers(lab, "task", "waits")[0]))[0]["State"]["Status"] != "running":
+            assert waiting.is_alive(), outcome
+            time.sleep(0.2)
+        other = ok(address(lab, "lock-probe"))  # takes the same lock
+        assert other["changed"] and waiting.is_alive()  # returned while the task still runs
+        ok(address(lab, "lock-probe", state="absent"))
+    finally:
+        ok(task(lab, "waits", state="killed"))
+        waiting.join()
+    assert outcome["task"]["status"] == "killed", outcome
+    ok(task(lab, "waits", state="absent"))
+
+
+def test_diff_masks_environment_values(lab: Lab) -> None:
+    result = ok(task(lab, "envs", check_mode=True, command=["true"], network="default",
+                     env={"API_TOKEN": "s3cr3t-value", "MODE": "fast"}))
+    spec = result["diff"]["after"][f"container kohakuriver-task-{lab.ident('envs')}"]["spec"]
+    assert spec["env"] == {"API_TOKEN": "********", "MODE": "********"}
+    # Only Ansible's own echo of the arguments (`invocation`, shown from -vvv on) holds the values.
+    assert "s3cr3t-value" not in json.dumps({key: value for key, value in result.items() if key != "invocation"})
 
 
 @pytest.mark.parametrize("args, field", [
@@ -270,6 +308,28 @@ def test_vps_ssh_snapshot_restore_adoption_and_removal(lab: Lab, tmp_path: pathl
     assert f"vps-{lab.ident('box')}" not in lab.book()
 
 
+def test_a_generated_key_is_in_the_failure_result(lab: Lab, tmp_path: pathlib.Path) -> None:
+    """The container is created with the public key in its label before the start fails (the SSH
+    port is taken): the private key must come back in the failure result, as it is never made again."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failed = vps(lab, "portclash", network="default", ssh_port=port)
+    try:
+        assert failed.get("failed") and failed["failed_step"].startswith("start container"), failed
+        key_file = tmp_path / "key"
+        key_file.write_text(failed["ssh_private_key"])
+        key_file.chmod(0o600)
+        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key_file)], capture_output=True, text=True,
+                                 check=True).stdout.split()[:2]
+        labels = json.loads(docker("inspect", containers(lab, "vps", "portclash")[0]))[0]["Config"]["Labels"]
+        assert labels["netloom.vps.ssh-public-key"].split()[:2] == derived
+        assert failed["ssh_public_key"].split()[:2] == derived
+    finally:
+        ok(vps(lab, "portclash", state="absent"))
+
+
 def test_vps_with_a_given_key_and_ssh_disabled(lab: Lab, tmp_path: pathlib.Path) -> None:
     key_file = tmp_path / "given"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)], check=True)
@@ -297,8 +357,16 @@ def test_overlay_address_reserve_release_and_reconcile(lab: Lab) -> None:
     assert "res-b" not in lab.book()
     hub = address(lab, "res-c", address=lab.host(254))
     assert hub.get("failed") and hub["field"] == "address" and "hub" in hub["msg"]
-    leak = ok(address(lab, "task-leaked", owner="container"))  # no container carries this key
-    assert leak["address"] == lab.host(252)
+    container_owner = address(lab, "task-leaked", owner="container")  # only the workload modules
+    assert container_owner.get("failed") and "owner" in container_owner["msg"], container_owner
+    vm = ok(address(lab, "vm-a", owner="vm"))
+    assert vm["address"] == lab.host(252) and not ok(address(lab, "vm-a", owner="vm"))["changed"]
+    ok(address(lab, "vm-a", state="absent"))
+    # A container key whose container is gone (left by an interrupted workload run): freed.
+    book_path = lab.root / "state/var/lib/netloom/overlay-addresses.json"
+    book = json.loads(book_path.read_text())
+    book["allocations"]["task-leaked"] = {"owner": "container", "address": lab.host(252)}
+    book_path.write_text(json.dumps(book))
     reconciled = ok(address(lab, "res-a"))
     assert reconciled["freed"] == [{"key": "task-leaked", "owner": "container", "address": lab.host(252)}]
     released = ok(address(lab, "res-a", state="absent"))
