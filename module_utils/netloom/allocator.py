@@ -17,10 +17,16 @@ What is never handed out:
   addresses, neighbour entries in a confirmed state (reachable, permanent, noarp, delay,
   probe; a stale or failed entry proves nothing), and every Docker endpoint on the overlay
   network, running or not (a stopped container's fixed IPAMConfig address included).
-Automatic allocation counts down from the top of the workload range: Docker's own IPAM hands
-out addresses from the bottom to containers started without a fixed address, so the two stay
-apart; every netloom container is started with its allocator address, which Docker's IPAM then
-knows too.
+- any address inside the overlay Docker network's own `ip_range` (IPAM Config IPRange, read
+  from Docker under the lock): Docker hands those out to containers started without a fixed
+  address and knows nothing of VMs or reservations, so neither automatic allocation nor a fixed
+  address (of any owner kind: a stopped container's fixed address there could be handed to
+  another container before it starts again) may use them. overlay_runner gives the network the
+  lower half of the runner's subnet by default; netloom's own containers always take an
+  allocator address. A network without an ip_range lets Docker use the whole subnet: then
+  automatic allocation still counts down from the top, away from Docker's bottom-up handout,
+  but an address Docker hands out later is not guarded.
+Automatic allocation counts down from the top of the workload range.
 
 API (keys: 1..128 of letters, digits and _.:@-; owners: container | vm | reservation):
 
@@ -181,10 +187,12 @@ class AddressBook:
     """The allocations of one runner subnet and the pure decisions on them (no I/O)."""
 
     def __init__(self, addressing: RunnerAddressing, allocations: Mapping[str, Allocation] | None = None,
-                 in_use: list[LiveUse] | None = None) -> None:
+                 in_use: list[LiveUse] | None = None,
+                 docker_range: ipaddress.IPv4Network | None = None) -> None:
         self.addressing = addressing
         self.allocations: dict[str, Allocation] = dict(allocations or {})
         self.in_use = list(in_use or [])
+        self.docker_range = docker_range  # Docker's own handout range on the overlay network
 
     # ---- the file ----
 
@@ -249,20 +257,33 @@ class AddressBook:
         if not ranges.first_workload <= address <= ranges.last_workload:
             raise InputError(field_name, value, f"is outside this runner's workload range "
                                                 f"{ranges.first_workload}..{ranges.last_workload}")
+        if self.docker_range is not None and address in self.docker_range:
+            raise InputError(field_name, value, f"is inside {self.docker_range}, the range Docker hands out "
+                                                "on the overlay network to containers without a fixed "
+                                                "address; choose an address outside it")
         holder = self.holder_of(address, key)
         if holder is not None:
             raise InputError(field_name, value, f"is {holder}")
         return address
 
     def candidates(self) -> Iterator[ipaddress.IPv4Address]:
-        """Workload addresses from the top down, without the hub address."""
+        """Workload addresses from the top down, without the hub address and Docker's range."""
         ranges = self.addressing
         current = int(ranges.last_workload)
         while current >= int(ranges.first_workload):
+            if self.docker_range is not None and ipaddress.IPv4Address(current) in self.docker_range:
+                current = int(self.docker_range.network_address) - 1  # skip the whole range
+                continue
             address = ipaddress.IPv4Address(current)
             if address != ranges.hub_address:
                 yield address
             current -= 1
+
+    def allowed(self, address: ipaddress.IPv4Address) -> bool:
+        """In the workload range, not the hub, not in Docker's range."""
+        ranges = self.addressing
+        return address != ranges.hub_address and ranges.first_workload <= address <= ranges.last_workload \
+            and (self.docker_range is None or address not in self.docker_range)
 
     def choose(self, key: str, owner: str, fixed: Any = None, field_name: str = "address",
                prefer: ipaddress.IPv4Address | None = None) -> Allocation:
@@ -276,15 +297,14 @@ class AddressBook:
         if recorded is not None:
             return recorded
         ranges = self.addressing
-        if prefer is not None and prefer != ranges.hub_address \
-                and ranges.first_workload <= prefer <= ranges.last_workload \
-                and self.holder_of(prefer, key) is None:
+        if prefer is not None and self.allowed(prefer) and self.holder_of(prefer, key) is None:
             return Allocation(key, owner, prefer)
         for address in self.candidates():
             if self.holder_of(address, key) is None:
                 return Allocation(key, owner, address)
+        outside = f", outside Docker's range {self.docker_range}" if self.docker_range is not None else ""
         raise InputError("key", key, f"no free overlay address left in {ranges.first_workload}.."
-                                     f"{ranges.last_workload} ({ranges.workload_count} addresses, "
+                                     f"{ranges.last_workload}{outside} ({ranges.workload_count} addresses, "
                                      f"{len(self.allocations)} allocated, the rest in use)")
 
     def record(self, allocation: Allocation) -> None:
@@ -337,7 +357,25 @@ class OverlayAllocator:
     def load(self) -> None:
         book = AddressBook.parse(self.addressing, read_text(self.state_path), self.state_path)
         book.in_use = self._bridge_use() + self._docker_use()
+        book.docker_range = self._docker_range()
         self.book = book
+
+    def _docker_range(self) -> ipaddress.IPv4Network | None:
+        """The overlay network's IPAM ip_range in this subnet; None without one (or no network yet)."""
+        if self.client is None:
+            return None
+        try:
+            network = self.client.inspect_network(self.network)
+        except Exception as err:  # docker.errors.NotFound: not made yet (check mode before overlay_runner)
+            if getattr(getattr(err, "response", None), "status_code", None) == 404:
+                return None
+            raise CommandError(f"inspecting the overlay network {self.network}: {err}") from None
+        for config in (network.get("IPAM") or {}).get("Config") or []:
+            text = config.get("IPRange")
+            with contextlib.suppress(ValueError):
+                if text and ipaddress.IPv4Network(text).subnet_of(self.addressing.subnet):
+                    return ipaddress.IPv4Network(text)
+        return None
 
     def _bridge_use(self) -> list[LiveUse]:
         if self.nl is None:

@@ -212,7 +212,8 @@ def test_diff_masks_environment_values(lab: Lab) -> None:
     spec = result["diff"]["after"][f"container kohakuriver-task-{lab.ident('envs')}"]["spec"]
     assert spec["env"] == {"API_TOKEN": "********", "MODE": "********"}
     # Only Ansible's own echo of the arguments (`invocation`, shown from -vvv on) holds the values.
-    assert "s3cr3t-value" not in json.dumps({key: value for key, value in result.items() if key != "invocation"})
+    shown = {key: value for key, value in result.items() if key != "invocation"}
+    assert "s3cr3t-value" not in json.dumps(shown)
 
 
 @pytest.mark.parametrize("args, field", [
@@ -372,3 +373,28 @@ def test_overlay_address_reserve_release_and_reconcile(lab: Lab) -> None:
     released = ok(address(lab, "res-a", state="absent"))
     assert released["changed"] and released["address"] == lab.host(253)
     assert not {"res-a", "task-leaked"} & set(lab.book())
+
+
+def test_addresses_stay_out_of_the_overlay_networks_docker_range(lab: Lab, tmp_path: pathlib.Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network with an ip_range (as overlay_runner makes it): Docker hands out its lower half,
+    the allocator only the upper half, and a fixed address in Docker's half is refused."""
+    monkeypatch.setenv("NETLOOM_STATE_ROOT", str(tmp_path))  # another subnet: a book of its own
+    subnet = lab.docker.subnet()
+    half = f"{subnet.network_address}/{subnet.prefixlen + 1}"
+    network, bridge = f"wl-{lab.tag}-rng", f"wlrg{lab.tag}"
+    docker("network", "create", "--subnet", str(subnet), "--gateway", str(subnet.network_address + 1),
+           "--ip-range", half, "-o", f"com.docker.network.bridge.name={bridge}", network)
+    lab.docker.networks.append(network)
+    args = {"overlay_bridge": bridge, "overlay_network": network}
+    refused = address(lab, "rng-fixed", address=str(subnet.network_address + 20), **args)
+    assert refused.get("failed") and refused["field"] == "address" and half in refused["msg"], refused
+    chosen = ok(address(lab, "rng-auto", **args))
+    assert ipaddress.IPv4Address(chosen["address"]) not in ipaddress.IPv4Network(half)
+    dynamic = docker("run", "-d", "--network", network, lab.busybox, "sleep", "600")
+    try:
+        inspect = json.loads(docker("inspect", dynamic))[0]["NetworkSettings"]["Networks"][network]
+        assert ipaddress.IPv4Address(inspect["IPAddress"]) in ipaddress.IPv4Network(half)
+    finally:
+        docker("rm", "-f", dynamic, check=False)
+    ok(address(lab, "rng-auto", state="absent", **args))

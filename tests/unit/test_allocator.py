@@ -183,3 +183,33 @@ def test_a_lost_book_keeps_the_address_a_live_workload_holds() -> None:
     book = AddressBook(TINY, in_use=[LiveUse(IP("10.0.0.11"), "container kohakuriver-vps-a", "vps-a")])
     assert book.choose("vps-a", "container", prefer=IP("10.0.0.11")).address == IP("10.0.0.11")
     assert book.choose("other", "container", prefer=IP("10.0.0.11")).address == IP("10.0.0.13")
+
+
+# ---- Docker's own handout range (the overlay network's ip_range) ----
+
+def test_automatic_allocation_stays_outside_dockers_range_and_exhausts_there() -> None:
+    # TINY 10.0.0.8/29: Docker hands out 10.0.0.8/30 (.8-.11); the allocator keeps .12 and .13.
+    book = AddressBook(TINY, docker_range=ipaddress.IPv4Network("10.0.0.8/30"))
+    given = [allocation.address for allocation in fill(book, 2)]
+    assert given == [IP("10.0.0.13"), IP("10.0.0.12")]
+    with pytest.raises(InputError) as err:
+        book.choose("one-more", "vm")
+    assert err.value.field_name == "key" and "outside Docker's range 10.0.0.8/30" in str(err.value)
+
+
+def test_the_upper_half_of_a_seed_runner_is_handed_out_from_the_top() -> None:
+    book = AddressBook(SEED, docker_range=ipaddress.IPv4Network("10.1.0.0/17"))
+    assert book.choose("vm-a", "vm").address == IP("10.1.255.254")
+    assert book.choose("vm-b", "vm", prefer=IP("10.1.0.60")).address == IP("10.1.255.254")  # not in range
+    assert book.choose("vm-c", "vm", prefer=IP("10.1.128.60")).address == IP("10.1.128.60")
+
+
+@pytest.mark.parametrize("owner", ["vm", "reservation", "container"])
+def test_a_fixed_address_in_dockers_range_is_refused_naming_field_and_value(owner: str) -> None:
+    book = AddressBook(SEED, docker_range=ipaddress.IPv4Network("10.1.0.0/17"))
+    with pytest.raises(InputError) as err:
+        book.choose("fixed", owner, fixed="10.1.0.50", field_name="address")
+    assert (err.value.field_name, err.value.value) == ("address", "10.1.0.50")
+    assert "10.1.0.0/17" in str(err.value)
+    assert book.choose("fixed", owner, fixed="10.1.128.50").address == IP("10.1.128.50")
+
