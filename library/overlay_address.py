@@ -13,7 +13,9 @@ description:
   - The runner's subnet is read from the overlay bridge's gateway address (10.N.0.1/16). Never handed
     out - the gateway, the hub address (offset+254), addresses of other keys, addresses live on the
     bridge (its own, confirmed neighbour entries) and every Docker endpoint on the overlay network.
-    Chosen addresses count down from the top of the range, away from Docker's own IPAM.
+    Nor anything inside the overlay network's Docker C(ip_range) (IPAM IPRange, read from Docker) -
+    Docker hands those out to containers without a fixed address and knows nothing of VMs or
+    reservations, so a fixed address there is refused too. Chosen addresses count down from the top.
   - Each run also frees leaks that are certain, i.e. a C(container) key whose labelled container
     (C(netloom.address.key=KEY)) no longer exists. Reservations are only freed by O(state=absent).
 options:
