@@ -10,7 +10,7 @@ import zipfile
 import pytest
 from ansible.module_utils import basic
 from ansible.module_utils.netloom import persist, restore
-from ansible.module_utils.netloom.common import ChangePlan, InputError, PlanFailure, finish
+from ansible.module_utils.netloom.common import ChangePlan, InputError, PlanFailure, execute_plan, finish
 
 from plugin_utils.netloom_action import restore_units
 
@@ -61,6 +61,31 @@ def test_finish_when_the_first_step_fails_reports_no_change(capsys: pytest.Captu
     plan.add("link a", "create", None, "a", failing_step)
     result = run_finish(plan, capsys)
     assert result["failed"] is True and result["changed"] is False and result["changes"] == []
+
+
+def test_execute_plan_adds_what_on_failure_says_and_finish_does_not_run_it_again(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A value made by an earlier step (a generated key) is in the failure result; a plan executed
+    under a lock is then finished without running its steps a second time."""
+    made: dict[str, str] = {}
+    plan = ChangePlan()
+    plan.add("ssh key", "create", None, "generated", lambda: made.update(key="PRIVATE"))
+    plan.add("container c", "create", None, "c", failing_step)
+    basic._ANSIBLE_ARGS = json.dumps({"ANSIBLE_MODULE_ARGS": {}}).encode()
+    basic._ANSIBLE_PROFILE = "legacy"
+    module = basic.AnsibleModule(argument_spec={}, supports_check_mode=True)
+    with pytest.raises(SystemExit):
+        execute_plan(module, plan, on_failure=lambda: {"ssh_private_key": made.get("key")})
+    failed = json.loads(capsys.readouterr().out)
+    assert failed["failed"] and failed["ssh_private_key"] == "PRIVATE"
+    assert failed["changes"] == ["create ssh key"]
+    runs: list[str] = []
+    plan = ChangePlan()
+    plan.add("link a", "create", None, "a", lambda: runs.append("a"))
+    execute_plan(module, plan)
+    with pytest.raises(SystemExit):
+        finish(module, plan, executed=True)
+    assert json.loads(capsys.readouterr().out)["changes"] == ["create link a"] and runs == ["a"]
 
 
 def test_check_mode_runs_nothing(capsys: pytest.CaptureFixture[str]) -> None:

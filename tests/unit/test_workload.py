@@ -157,3 +157,13 @@ def test_tail_keeps_the_last_lines() -> None:
     assert tail("a\nb\nc\n", 2) == "b\nc\n"
     assert tail("a\nb", 5) == "a\nb"
     assert tail("a\n", 0) == ""
+
+
+def test_diff_shows_env_names_with_masked_values() -> None:
+    from ansible.module_utils.netloom.workload_docker import ENV_MASK, masked_spec
+
+    spec = {"image": "busybox", "env": {"TOKEN": "s3cr3t", "MODE": "1"}, "command": None}
+    shown = masked_spec(spec)
+    assert shown["env"] == {"TOKEN": ENV_MASK, "MODE": ENV_MASK} and ENV_MASK == "********"
+    assert spec["env"]["TOKEN"] == "s3cr3t" and shown["image"] == "busybox"  # the hashed spec is kept
+    assert masked_spec({"env": {}}) == {"env": {}}
