@@ -71,7 +71,7 @@ options:
   address:
     description:
       - A fixed overlay address. It must be in the runner's workload range (offset+2 to broadcast-1),
-        not the gateway or hub address, not inside the overlay network's Docker O(ip_range) (Docker's
+        not the gateway or hub address, not inside the overlay network's Docker C(ip_range) (Docker's
         own handout range, by default the lower half 10.N.0.0/17 set by overlay_runner), and not in use
         on the overlay bridge or allocated to another key. Left out, the allocator chooses one outside
         that range (and keeps it across runs).
