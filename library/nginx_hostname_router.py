@@ -151,7 +151,9 @@ changes:
 import io
 import os
 import posixpath
+import shutil
 import tarfile
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -399,20 +401,29 @@ class RouterManager:
         return pods.service_urls(variables["slug"], variables["services"], port, self.params["url_style"])
 
     def check_alone(self, target: Any, text: str) -> None:
-        """`nginx -t` of the new text alone (in a wrapper config), before anything is touched."""
-        temp_dir = f"/tmp/netloom-router-{os.getpid()}"
-        candidate, wrapper = f"{temp_dir}/candidate.conf", f"{temp_dir}/nginx.conf"
+        """`nginx -t` of the new text alone (in a wrapper config), before anything is touched.
+
+        The scratch folder is made by mkdtemp / `mktemp -d` (new, unpredictable name, 0700): a fixed
+        name in /tmp could be pre-created or symlinked by another user, and nginx -t runs as root.
+        """
         if isinstance(target, ContainerTarget):
-            target.put(candidate, text.encode())
-            target.put(wrapper, WRAPPER.format(candidate=candidate).encode())
+            temp_dir = target.check(["mktemp", "-d", "/tmp/netloom-router-XXXXXXXXXX"])
         else:
-            os.makedirs(temp_dir, mode=0o700, exist_ok=True)
-            write_file(self.module, candidate, text)
-            write_file(self.module, wrapper, WRAPPER.format(candidate=candidate))
+            temp_dir = tempfile.mkdtemp(prefix="netloom-router-")
+        candidate, wrapper = f"{temp_dir}/candidate.conf", f"{temp_dir}/nginx.conf"
         try:
+            if isinstance(target, ContainerTarget):
+                target.put(candidate, text.encode())
+                target.put(wrapper, WRAPPER.format(candidate=candidate).encode())
+            else:
+                write_file(self.module, candidate, text)
+                write_file(self.module, wrapper, WRAPPER.format(candidate=candidate))
             rc, out = target.run(["nginx", "-t", "-q", "-c", wrapper])
         finally:
-            target.run(["rm", "-rf", temp_dir])
+            if isinstance(target, ContainerTarget):
+                target.run(["rm", "-rf", temp_dir])
+            else:
+                shutil.rmtree(temp_dir, ignore_errors=True)
         if rc != 0:
             raise CommandError(f"nginx -t refused the rendered config in {target.where}: {out}")
 
