@@ -149,7 +149,6 @@ changes:
 """
 
 import io
-import os
 import posixpath
 import shutil
 import tarfile
@@ -161,6 +160,7 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.netloom import pods
 from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError, finish, guarded, port
+from ansible.module_utils.netloom.docker_network import docker_host_address
 from ansible.module_utils.netloom.files import read_bytes, remove_file, write_file
 from ansible.module_utils.netloom.systemd import Unit, booted
 
@@ -190,7 +190,6 @@ ARGUMENT_SPEC: dict[str, Any] = {
     "rendered": {"type": "dict", "options": {"config": {"type": "str"}}},
 }
 TEMPLATE = "nginx/hostname_router.conf.j2"
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 NGINX_PID = "/run/nginx.pid"  # Debian's nginx.conf
 PID_WAIT_TRIES, PID_WAIT_STEP_S = 100, 0.2
 
@@ -219,7 +218,7 @@ def docker_api(module: AnsibleModule) -> Any:
     if DOCKER_IMPORT_ERROR is not None:
         module.fail_json(msg=missing_required_lib("docker (Debian: python3-docker)"),
                          exception=DOCKER_IMPORT_ERROR)
-    host = module.params["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    host = docker_host_address(module.params["docker_host"])
     try:
         return docker.APIClient(base_url=host, version="auto")
     except DockerException as err:

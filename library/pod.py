@@ -191,7 +191,7 @@ from ansible.module_utils.netloom.common import (
     guarded,
     run_command,
 )
-from ansible.module_utils.netloom.docker_network import create_request
+from ansible.module_utils.netloom.docker_network import create_request, docker_host_address
 from ansible.module_utils.netloom.files import exclusive_lock, read_text, write_file
 from ansible.module_utils.netloom.iptables import OwnedChain, find_tool, plan_chains, read_table
 from ansible.module_utils.netloom.netlink import Netlink
@@ -223,7 +223,6 @@ ARGUMENT_SPEC: dict[str, Any] = {
     "chains_only": {"type": "bool", "default": False},
     **persist.RESTORE_OPTION,
 }
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 RESTORE_ORDER = 60
 # One host-wide lock for every pod run: Docker labels and the state file are shared by all pods.
 LOCK_FILE = "run/lock/netloom-pods.lock"
@@ -281,7 +280,7 @@ class PodManager:
             self.module.fail_json(
                 msg=missing_required_lib("docker (Debian: python3-docker)"), exception=DOCKER_IMPORT_ERROR
             )
-        host = self.p["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        host = docker_host_address(self.p["docker_host"])
         try:
             self.api = docker.APIClient(base_url=host, version="auto")
             self.api.ping()
