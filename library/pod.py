@@ -684,6 +684,7 @@ class PodManager:
     def plan_chain(self, plan: ChangePlan) -> None:
         plan.extend(plan_chains(self.chains(), "present" if self.present else "absent"))
 
+
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     guarded(module, PodManager(module).run)
