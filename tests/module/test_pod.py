@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import run_module
+from tests.support.netns import Netns, run_module
 from tests.support.pod_client import get, websocket_echo
 
 pytestmark = pytest.mark.docker
@@ -356,3 +356,19 @@ def test_early_restore_puts_the_chains_back_without_docker_changes(host: Any) ->
     assert "-i pod-fxpa" in subprocess.run(["iptables", "-S", "NETLOOM-PODIN-FXPA"],
                                             capture_output=True, text=True).stdout
     assert host.pod("fxpa", egress="no-private")["changed"] is False
+
+
+def test_early_restore_before_docker_creates_docker_user_and_hooks_both_chains() -> None:
+    """A boot before Docker, in a fresh netns: no DOCKER-USER yet; the replay makes it and hooks."""
+    args = {"id": "fxpe", "image": "unused-before-docker", "pool": POOL, "egress": "no-private",
+            "chains_only": True}
+    with Netns("fxp") as ns:
+        planned = run_module("pod", args, netns=ns.name, check_mode=True)
+        assert planned["changed"] and "DOCKER-USER" not in ns.sh("iptables -S")
+        done = run_module("pod", args, netns=ns.name)
+        assert not done.get("failed"), done.get("msg")
+        assert done["changes"][0] == "create iptables filter DOCKER-USER"
+        assert "-j NETLOOM-POD-FXPE" in ns.sh("iptables -S DOCKER-USER")
+        assert "-j NETLOOM-PODIN-FXPE" in ns.sh("iptables -S INPUT")
+        assert "-d 169.254.0.0/16 -i pod-fxpe" in ns.sh("iptables -S NETLOOM-POD-FXPE")
+        assert run_module("pod", args, netns=ns.name)["changed"] is False
