@@ -149,9 +149,10 @@ changes:
 """
 
 import io
-import os
 import posixpath
+import shutil
 import tarfile
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -159,6 +160,7 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.netloom import pods
 from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError, finish, guarded, port
+from ansible.module_utils.netloom.docker_network import docker_host_address
 from ansible.module_utils.netloom.files import read_bytes, remove_file, write_file
 from ansible.module_utils.netloom.systemd import Unit, booted
 
@@ -188,7 +190,6 @@ ARGUMENT_SPEC: dict[str, Any] = {
     "rendered": {"type": "dict", "options": {"config": {"type": "str"}}},
 }
 TEMPLATE = "nginx/hostname_router.conf.j2"
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 NGINX_PID = "/run/nginx.pid"  # Debian's nginx.conf
 PID_WAIT_TRIES, PID_WAIT_STEP_S = 100, 0.2
 
@@ -217,7 +218,7 @@ def docker_api(module: AnsibleModule) -> Any:
     if DOCKER_IMPORT_ERROR is not None:
         module.fail_json(msg=missing_required_lib("docker (Debian: python3-docker)"),
                          exception=DOCKER_IMPORT_ERROR)
-    host = module.params["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    host = docker_host_address(module.params["docker_host"])
     try:
         return docker.APIClient(base_url=host, version="auto")
     except DockerException as err:
@@ -399,20 +400,29 @@ class RouterManager:
         return pods.service_urls(variables["slug"], variables["services"], port, self.params["url_style"])
 
     def check_alone(self, target: Any, text: str) -> None:
-        """`nginx -t` of the new text alone (in a wrapper config), before anything is touched."""
-        temp_dir = f"/tmp/netloom-router-{os.getpid()}"
-        candidate, wrapper = f"{temp_dir}/candidate.conf", f"{temp_dir}/nginx.conf"
+        """`nginx -t` of the new text alone (in a wrapper config), before anything is touched.
+
+        The scratch folder is made by mkdtemp / `mktemp -d` (new, unpredictable name, 0700): a fixed
+        name in /tmp could be pre-created or symlinked by another user, and nginx -t runs as root.
+        """
         if isinstance(target, ContainerTarget):
-            target.put(candidate, text.encode())
-            target.put(wrapper, WRAPPER.format(candidate=candidate).encode())
+            temp_dir = target.check(["mktemp", "-d", "/tmp/netloom-router-XXXXXXXXXX"])
         else:
-            os.makedirs(temp_dir, mode=0o700, exist_ok=True)
-            write_file(self.module, candidate, text)
-            write_file(self.module, wrapper, WRAPPER.format(candidate=candidate))
+            temp_dir = tempfile.mkdtemp(prefix="netloom-router-")
+        candidate, wrapper = f"{temp_dir}/candidate.conf", f"{temp_dir}/nginx.conf"
         try:
+            if isinstance(target, ContainerTarget):
+                target.put(candidate, text.encode())
+                target.put(wrapper, WRAPPER.format(candidate=candidate).encode())
+            else:
+                write_file(self.module, candidate, text)
+                write_file(self.module, wrapper, WRAPPER.format(candidate=candidate))
             rc, out = target.run(["nginx", "-t", "-q", "-c", wrapper])
         finally:
-            target.run(["rm", "-rf", temp_dir])
+            if isinstance(target, ContainerTarget):
+                target.run(["rm", "-rf", temp_dir])
+            else:
+                shutil.rmtree(temp_dir, ignore_errors=True)
         if rc != 0:
             raise CommandError(f"nginx -t refused the rendered config in {target.where}: {out}")
 

@@ -108,7 +108,6 @@ changes:
   sample: ["create overlay address monitoring"]
 """
 
-import os
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -119,8 +118,9 @@ from ansible.module_utils.netloom.allocator import (
     open_runner_allocator,
 )
 from ansible.module_utils.netloom.common import ChangePlan, InputError, finish
+from ansible.module_utils.netloom.docker_network import docker_host_address
 from ansible.module_utils.netloom.netlink import Netlink, run_with_netlink
-from ansible.module_utils.netloom.workload_docker import DEFAULT_DOCKER_HOST, api
+from ansible.module_utils.netloom.workload_docker import api
 
 # Owner kinds this module records: a `container` key here would have no labelled container, so
 # reconciliation would free it and the next run reserve it again (never idempotent).
@@ -148,7 +148,7 @@ class AddressManager:
         if DOCKER_IMPORT_ERROR is not None:
             self.module.fail_json(msg=missing_required_lib("docker (Debian: python3-docker)"),
                                   exception=DOCKER_IMPORT_ERROR)
-        host = self.params["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        host = docker_host_address(self.params["docker_host"])
         client = api(f"connecting to Docker at {host}", docker.APIClient, base_url=host, version="auto")
         allocator = open_runner_allocator(self.module, self.nl, client, self.params["overlay_bridge"],
                                           self.params["overlay_network"], self.params["subnet"])

@@ -18,19 +18,31 @@ description:
     and a deleted pod's subnet and port go to the next new pod.
   - A new subnet overlaps no Docker network, no host route and no host address (CIDR arithmetic);
     a new port is one nothing on the host listens on (/proc/net/tcp, tcp6) or publishes (any
-    container). An existing pod's subnet or port that something else took meanwhile is an error.
+    container, stopped ones included, by their C(HostConfig.PortBindings)). An existing pod's subnet or
+    port that something else took meanwhile is an error. Runs on one host are serialised by an
+    exclusive flock on C(/run/lock/netloom-pods.lock), held from reading labels and state file until
+    the plan has run, so concurrent runs never hand out the same subnet or port.
   - Isolation and egress are rules in a chain netloom owns, C(NETLOOM-POD-ID), hooked from Docker's
     DOCKER-USER; new connections from the pod's bridge to the rest of I(pool) (other pods) are
     dropped, and with I(egress) so are new connections to private, link-local and metadata
-    addresses (C(no-private)) or to the listed CIDRs. Replies to connections made to the pod pass.
-    The chain is removed with the pod.
+    addresses (C(no-private), i.e. RFC1918, loopback, link-local and metadata, multicast, reserved,
+    100.64.0.0/10, 192.0.0.0/24, 198.18.0.0/15) or to the listed CIDRs. Replies to connections made to
+    the pod pass.
+  - The host itself is out of reach too. Traffic to the host's own addresses (the pod's gateway, every
+    other local address, sshd, ...) is not forwarded, so a second owned chain, C(NETLOOM-PODIN-ID),
+    hooked from INPUT, drops new connections arriving from the pod's bridge. The pod needs nothing
+    from the host on INPUT but replies (its DNS is Docker's embedded resolver inside its own
+    namespace). Both chains are removed with the pod.
   - Updates. A changed I(cpus) is applied in place (C(docker update)); a changed image, env,
-    volumes, runtime, bind address, services label or a lost network means recreating the
-    container. The result's C(update) says which and why.
+    volumes, runtime, bind address or a lost network means recreating the container. I(services)
+    only shape the router's map (nginx_hostname_router), so changing them recreates nothing. The
+    result's C(update) says which and why.
   - Reboot survival. The container has restart policy C(unless-stopped) (Docker brings a
-    started pod back, a stopped one stays stopped) and keeps its network and published port;
-    the iptables chain, which a reboot loses, is brought back by netloom-restore (late phase,
-    after Docker), which replays this module with its recorded arguments.
+    started pod back, a stopped one stays stopped) and keeps its network and published port.
+    The chains, which a reboot loses, are put back by netloom-restore-early, BEFORE Docker starts
+    and restarts the pod (a replay with I(chains_only); it creates an empty DOCKER-USER, which
+    Docker keeps and jumps to), so a pod is never up unfiltered; netloom-restore-late (after
+    Docker) then replays the whole module with its recorded arguments.
 version_added: "0.1.0"
 author: netloom
 options:
@@ -53,7 +65,8 @@ options:
     type: str
   services:
     description:
-      - Declared services C({name, port}) (the router routes only these).
+      - Declared services C({name, port}) (the router routes only these); validated here, used by
+        nginx_hostname_router; a change recreates nothing.
       - Left out, the seed's default tabs.
     type: list
     elements: dict
@@ -95,6 +108,12 @@ options:
   docker_host:
     description: Docker Engine API address. Left out, E(DOCKER_HOST) or the local socket.
     type: str
+  chains_only:
+    description:
+      - Converge only the pod's two iptables chains, without Docker, allocation or state file.
+      - Set by netloom-restore-early's replay (before Docker runs), not by hand.
+    type: bool
+    default: false
   rendered:
     description: Set by netloom's action plugin (the netloom-restore units), not by hand.
     type: dict
@@ -135,7 +154,7 @@ pod:
   sample: {"id": "a", "slug": "a", "network": "pinacle-pod-a", "subnet": "10.249.0.0/24",
            "gateway": "10.249.0.1",
            "address": "10.249.0.2", "port": 30000, "bind_address": "0.0.0.0", "container": "pinacle-pod-a",
-           "chain": "NETLOOM-POD-A", "running": true}
+           "chain": "NETLOOM-POD-A", "input_chain": "NETLOOM-PODIN-A", "running": true}
 update:
   description: What happened to the container and why (action none, create, in-place, recreate, remove).
   returned: always
@@ -163,9 +182,18 @@ from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.netloom import persist, pods
-from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError, finish, guarded
-from ansible.module_utils.netloom.files import read_text, write_file
-from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
+from ansible.module_utils.netloom.allocator import state_root
+from ansible.module_utils.netloom.common import (
+    ChangePlan,
+    CommandError,
+    InputError,
+    finish,
+    guarded,
+    run_command,
+)
+from ansible.module_utils.netloom.docker_network import create_request, docker_host_address
+from ansible.module_utils.netloom.files import exclusive_lock, read_text, write_file
+from ansible.module_utils.netloom.iptables import OwnedChain, find_tool, plan_chains, read_table
 from ansible.module_utils.netloom.netlink import Netlink
 
 try:
@@ -192,10 +220,12 @@ ARGUMENT_SPEC: dict[str, Any] = {
     "egress": {"type": "raw", "default": "open"},
     "state_file": {"type": "path", "default": pods.STATE_FILE},
     "docker_host": {"type": "str"},
+    "chains_only": {"type": "bool", "default": False},
     **persist.RESTORE_OPTION,
 }
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 RESTORE_ORDER = 60
+# One host-wide lock for every pod run: Docker labels and the state file are shared by all pods.
+LOCK_FILE = "run/lock/netloom-pods.lock"
 CPU_PERIOD = 100000
 
 
@@ -217,7 +247,7 @@ class PodManager:
         self.present = p["state"] != "absent"
         self.pool = pods.pool("pool", p["pool"])
         self.ports = pods.port_range("port_range", p["port_range"])
-        self.services = pods.services("services", p["services"], pods.ROUTER_PORT)
+        pods.services("services", p["services"], pods.ROUTER_PORT)  # for the router; checked here too
         self.egress_mode, self.blocked = pods.egress("egress", p["egress"])
         try:
             self.bind = str(ipaddress.IPv4Address(p["bind_address"]))
@@ -241,6 +271,7 @@ class PodManager:
         self.network = pods.network_name(self.id)
         self.bridge = pods.bridge_name(self.id)
         self.chain = pods.chain_name(self.id)
+        self.input_chain = pods.input_chain_name(self.id)
 
     # ---- reading ----
 
@@ -249,7 +280,7 @@ class PodManager:
             self.module.fail_json(
                 msg=missing_required_lib("docker (Debian: python3-docker)"), exception=DOCKER_IMPORT_ERROR
             )
-        host = self.p["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        host = docker_host_address(self.p["docker_host"])
         try:
             self.api = docker.APIClient(base_url=host, version="auto")
             self.api.ping()
@@ -318,9 +349,22 @@ class PodManager:
             busy.update(
                 entry["PublicPort"] for entry in container.get("Ports") or [] if entry.get("PublicPort")
             )
+            if container.get("State") != "running":  # the list shows Ports of running containers only
+                busy.update(self.bound_ports(container["Id"]))
         if own_port is not None and self.live_container and self.live_container["State"].get("Running"):
             busy.discard(own_port.port)  # its own docker-proxy listens there
         self.busy = busy
+
+    def bound_ports(self, container_id: str) -> set[int]:
+        """Host ports a (stopped) container publishes when it starts: its HostConfig.PortBindings."""
+        live = self.inspect("container", container_id) or {}
+        bindings = (live.get("HostConfig") or {}).get("PortBindings") or {}
+        return {
+            int(entry["HostPort"])
+            for entries in bindings.values()
+            for entry in entries or []
+            if str(entry.get("HostPort") or "").isdigit()
+        }
 
     # ---- planning ----
 
@@ -347,12 +391,13 @@ class PodManager:
         return known
 
     def labels(self, allocation: pods.Allocation) -> dict[str, str]:
+        """The network's and container's identity labels; services are not among them (they only
+        shape the router's map, so changing them must not recreate the network or the container)."""
         return {
             pods.LABEL_POD: self.id,
             pods.LABEL_SLUG: self.slug,
             pods.LABEL_SUBNET: str(allocation.subnet),
             pods.LABEL_PORT: str(allocation.port),
-            pods.LABEL_SERVICES: json.dumps(self.services, sort_keys=True, separators=(",", ":")),
         }
 
     def container_spec(self, allocation: pods.Allocation) -> dict[str, Any]:
@@ -369,7 +414,34 @@ class PodManager:
 
     def run(self) -> None:
         self.validate()
+        if self.p["chains_only"]:
+            self.run_chains_only()
+            return
         self.connect()
+        # Read labels and state file, allocate, write: all under one lock, or two runs hand out
+        # the same subnet and port and one state file update is lost.
+        with exclusive_lock(os.path.join(state_root(), LOCK_FILE)):
+            self.converge()
+
+    def run_chains_only(self) -> None:
+        """netloom-restore-early: the pod's chains before Docker starts (and restarts the pod).
+
+        DOCKER-USER does not exist yet then; it is created empty, and Docker keeps an existing
+        DOCKER-USER (it only adds its FORWARD jump to it), so the pod's filter is in place before
+        Docker starts the container. No Docker, no allocation, no state file here.
+        """
+        plan = ChangePlan()
+        if self.present and "DOCKER-USER" not in read_table("filter"):
+            plan.add("iptables filter DOCKER-USER", "create", None, [],
+                     lambda: run_command([find_tool("iptables"), "-w", "-N", "DOCKER-USER"]))
+            plan.add(f"iptables filter {self.chain} {self.input_chain}", "create", None, "pod chains",
+                     lambda: plan_chains(self.chains(), "present").execute())
+        else:
+            plan.extend(plan_chains(self.chains(), "present" if self.present else "absent"))
+        finish(self.module, plan, pod={"id": self.id, "chain": self.chain, "input_chain": self.input_chain},
+               update=self.update, repairs=[])
+
+    def converge(self) -> None:
         self.read()
         plan = ChangePlan()
         allocation = self.allocate() if self.present else self.table.get(self.id)
@@ -379,6 +451,7 @@ class PodManager:
             "network": self.network,
             "container": self.network,
             "chain": self.chain,
+            "input_chain": self.input_chain,
         }
         if self.present:
             network_ok = self.plan_network(plan, allocation)
@@ -412,11 +485,16 @@ class PodManager:
                 wanted_state,
                 lambda: write_file(self.module, path, wanted_state, 0o600, dir_mode=0o700),
             )
+        # Early: the chains alone, before Docker restarts the pod; late: the whole pod again.
+        early = {**self.p, "chains_only": True}
         if self.present:
+            persist.plan_record(plan, self.module, "pod", f"{self.id}.chains", RESTORE_ORDER,
+                                phases=["early"], params=early)
             persist.plan_record(
                 plan, self.module, "pod", self.id, RESTORE_ORDER, phases=["late"], after=["docker.service"]
             )
         else:
+            persist.plan_forget(plan, self.module, "pod", f"{self.id}.chains", RESTORE_ORDER)
             persist.plan_forget(plan, self.module, "pod", self.id, RESTORE_ORDER)
         finish(self.module, plan, pod=result_pod, update=self.update, repairs=self.repairs)
 
@@ -437,7 +515,7 @@ class PodManager:
                 "gateway": config.get("Gateway"),
                 "bridge": (live.get("Options") or {}).get("com.docker.network.bridge.name"),
                 "labels": {
-                    k: v for k, v in (live.get("Labels") or {}).items() if k.startswith("netloom.pod")
+                    k: v for k, v in (live.get("Labels") or {}).items() if k in wanted["labels"]
                 },
             }
             if current == wanted:
@@ -447,19 +525,13 @@ class PodManager:
         return False
 
     def create_network(self, allocation: pods.Allocation) -> None:
-        ipam = docker.types.IPAMConfig(
-            pool_configs=[
-                docker.types.IPAMPool(subnet=str(allocation.subnet), gateway=str(allocation.subnet[1]))
-            ]
-        )
-        self.api.create_network(
-            self.network,
-            driver="bridge",
-            ipam=ipam,
-            check_duplicate=True,
-            options={"com.docker.network.bridge.name": self.bridge},
-            labels=self.labels(allocation),
-        )
+        request = create_request({
+            "subnet": str(allocation.subnet),
+            "gateway": str(allocation.subnet[1]),
+            "bridge_name": self.bridge,
+            "labels": self.labels(allocation),
+        })
+        self.api.create_network(self.network, check_duplicate=True, **request)
 
     def remove_network(self) -> None:
         self.remove_container()  # a network with an endpoint cannot be removed
@@ -592,13 +664,25 @@ class PodManager:
                 lambda: self.api.remove_network(self.network),
             )
 
-    def plan_chain(self, plan: ChangePlan) -> None:
+    def chains(self) -> list[OwnedChain]:
+        """The pod's forward filter (other pods, egress) and its input filter (the host itself).
+
+        Forwarded traffic never covers the host's own addresses (the pod's gateway, every other
+        local address and its services): those packets take INPUT, so new connections from the
+        pod's bridge are dropped there; replies to the host's own connections still pass. DNS is
+        Docker's embedded resolver at 127.0.0.11 in the pod's own namespace, not the host.
+        """
         rules = (
             f"-d {self.pool} -i {self.bridge} ! -o {self.bridge} -m conntrack --ctstate NEW -j DROP",
             *pods.egress_rules(self.bridge, self.blocked),
         )
-        chain = OwnedChain("filter", self.chain, ("DOCKER-USER",), rules)
-        plan.extend(plan_chains([chain], "present" if self.present else "absent"))
+        return [
+            OwnedChain("filter", self.chain, ("DOCKER-USER",), rules),
+            OwnedChain("filter", self.input_chain, ("INPUT",), pods.input_rules(self.bridge)),
+        ]
+
+    def plan_chain(self, plan: ChangePlan) -> None:
+        plan.extend(plan_chains(self.chains(), "present" if self.present else "absent"))
 
 
 def main() -> None:

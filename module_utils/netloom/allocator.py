@@ -60,7 +60,6 @@ Explicit reservations are released only by `release`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import json
 import os
@@ -76,7 +75,7 @@ from ansible.module_utils.netloom.common import (
     ipv4_address,
     ipv4_network,
 )
-from ansible.module_utils.netloom.files import read_text, write_file
+from ansible.module_utils.netloom.files import exclusive_lock, read_text, write_file
 from ansible.module_utils.netloom.plan import HUB_HOST_OFFSET, RunnerAddressing
 
 OWNER_KINDS = ("container", "vm", "reservation")
@@ -344,15 +343,9 @@ class OverlayAllocator:
     @contextlib.contextmanager
     def locked(self) -> Iterator[OverlayAllocator]:
         """Hold the runner's allocator lock and read the book and live use under it."""
-        lock_path = os.path.join(state_root(), LOCK_FILE)
-        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-        with open(lock_path, "a", encoding="utf-8") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                self.load()
-                yield self
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with exclusive_lock(os.path.join(state_root(), LOCK_FILE)):
+            self.load()
+            yield self
 
     def load(self) -> None:
         book = AddressBook.parse(self.addressing, read_text(self.state_path), self.state_path)

@@ -10,6 +10,7 @@ docker SDK: the requests it builds are the Engine API's own JSON, which docker 5
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ MANAGED_VALUE = "true"
 PREDEFINED_NETWORKS = ("bridge", "host", "none")
 MTU_MIN, MTU_MAX = 68, 65535
 
+# Where every netloom module finds the Engine API unless told otherwise (docker_host_address).
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
 OPT_MTU = "com.docker.network.driver.mtu"
 OPT_ICC = "com.docker.network.bridge.enable_icc"
@@ -369,3 +372,8 @@ def reconnect_order(attachments: list[Attachment],
     """
     pairs = [(attachment, kept_address(attachment.ipv4_address, config)) for attachment in attachments]
     return sorted(pairs, key=lambda pair: (pair[1] is None, pair[0].name))
+
+
+def docker_host_address(option: str | None) -> str:
+    """The Engine API address: the module's docker_host option, else DOCKER_HOST, else the local socket."""
+    return option or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST

@@ -9,10 +9,11 @@ file or the new one, never a partial one, and a secret is never readable by othe
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 SECRET_MODE = 0o600
@@ -117,3 +118,15 @@ def remove_dropin(path: str) -> None:
     remove_file(path)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing): one read-allocate-write at a time."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ansible.module_utils.netloom.common import IFNAME_MAX, InputError, int_range, ipv4_network, port
+from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
 
 NETWORK_PREFIX = "pinacle-pod-"
 BRIDGE_PREFIX = "pod-"  # the Linux bridge of pod ID is pod-ID: at most 15 characters
 CHAIN_PREFIX = "NETLOOM-POD-"
+INPUT_CHAIN_PREFIX = "NETLOOM-PODIN-"  # never a CHAIN_PREFIX name: that has "-" after POD
 DEFAULT_POOL = "10.249.0.0/16"
 DEFAULT_PORT_RANGE = "30000-39999"
 STATE_FILE = "/var/lib/netloom/pods/allocations.json"
@@ -40,16 +42,18 @@ DEFAULT_SERVICES = (
     {"name": "kanban", "port": 3001},
     {"name": "claude", "port": 2528},
 )
-# Addresses `egress: no-private` blocks: RFC1918, link-local (cloud metadata 169.254.169.254
-# among them), shared address space, loopback-routed and multicast.
+# Addresses `egress: no-private` blocks: RFC1918, every range no unicast host holds
+# (constants.NO_HOST_NETWORKS: this-network, loopback, link-local with cloud metadata
+# 169.254.169.254, multicast, reserved), shared address space (RFC 6598), IETF protocol
+# assignments (RFC 6890) and the benchmarking range (RFC 2544).
 PRIVATE_NETWORKS = (
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",
-    "169.254.0.0/16",
+    *(str(network) for network, _ in NO_HOST_NETWORKS),
     "100.64.0.0/10",
-    "127.0.0.0/8",
-    "224.0.0.0/4",
+    "192.0.0.0/24",
+    "198.18.0.0/15",
 )
 
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -90,6 +94,10 @@ def bridge_name(pod: str) -> str:
 
 def chain_name(pod: str) -> str:
     return CHAIN_PREFIX + pod.upper()
+
+
+def input_chain_name(pod: str) -> str:
+    return INPUT_CHAIN_PREFIX + pod.upper()
 
 
 def port_range(field_name: str, value: Any) -> range:
@@ -157,6 +165,12 @@ def egress_rules(bridge: str, blocked: Iterable[str]) -> tuple[str, ...]:
     for cidr in blocked:
         rules.append(f"-d {cidr} -i {bridge} -m conntrack --ctstate NEW -j DROP")
     return tuple(rules)
+
+
+def input_rules(bridge: str) -> tuple[str, ...]:
+    """Rules of the pod's INPUT chain: no new connection from its bridge to the host itself (any of
+    its addresses, any service); replies to connections the host opened still pass."""
+    return (f"-i {bridge} -m conntrack --ctstate NEW -j DROP",)
 
 
 # ---- allocation ----

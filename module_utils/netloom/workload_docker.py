@@ -24,6 +24,7 @@ from ansible.module_utils.netloom.allocator import (
     open_runner_allocator,
 )
 from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError
+from ansible.module_utils.netloom.docker_network import docker_host_address
 from ansible.module_utils.netloom.workload import (
     CPU_PERIOD,
     ID_LABEL,
@@ -58,7 +59,6 @@ except ImportError:
 else:
     DOCKER_IMPORT_ERROR = None
 
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 DIR_MODE = 0o750  # workload directories (logs, local temp) may hold secrets
 ENV_MASK = "********"
 DEFAULT_NETWORK_FALLBACK = "kohakuriver-net"
@@ -143,7 +143,7 @@ class WorkloadManager:
         if DOCKER_IMPORT_ERROR is not None:
             self.module.fail_json(msg=missing_required_lib("docker (Debian: python3-docker)"),
                                   exception=DOCKER_IMPORT_ERROR)
-        host = self.params["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        host = docker_host_address(self.params["docker_host"])
         self.client = api(f"connecting to Docker at {host}", docker.APIClient, base_url=host, version="auto")
 
     def inspect(self, ref: str) -> dict[str, Any] | None:

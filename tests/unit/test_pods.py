@@ -7,6 +7,7 @@ import re
 import pytest
 from ansible.module_utils.netloom import pods
 from ansible.module_utils.netloom.common import InputError
+from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
 
 from plugin_utils.netloom_action import render_file, template_path
 
@@ -188,3 +189,19 @@ def test_router_regex_matches_what_parse_host_matches() -> None:
                  "localhost-3000.pod-my-podx.localhost", "localhost-3000.pod-other.localhost"):
         parsed = pods.parse_host(host)
         assert bool(regex.match(host)) == (parsed is not None and parsed[1] == "my-pod")
+
+
+def test_no_private_is_built_from_the_shared_constants() -> None:
+    _, blocked = pods.egress("egress", "no-private")
+    for network, _ in NO_HOST_NETWORKS:
+        assert str(network) in blocked
+    for cidr in ("172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "192.0.0.0/24", "198.18.0.0/15"):
+        assert cidr in blocked
+
+
+def test_pod_chains_never_share_a_name() -> None:
+    """NETLOOM-POD-<id> and NETLOOM-PODIN-<id> cannot collide, whatever the two ids."""
+    names = {pods.chain_name(pod) for pod in ("in-x", "x", "podin-x")}
+    names |= {pods.input_chain_name(pod) for pod in ("in-x", "x", "podin-x")}
+    assert len(names) == 6
+    assert pods.input_rules("pod-a") == ("-i pod-a -m conntrack --ctstate NEW -j DROP",)
