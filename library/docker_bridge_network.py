@@ -224,7 +224,6 @@ changes:
            "create network kohakuriver-net", "connect container web on network kohakuriver-net"]
 """
 
-import os
 import traceback
 from functools import partial
 from typing import Any
@@ -239,6 +238,7 @@ from ansible.module_utils.netloom.docker_network import (
     attachment_of,
     create_request,
     differences,
+    docker_host_address,
     is_managed,
     live_config,
     network_name,
@@ -253,8 +253,6 @@ except ImportError:
     DOCKER_IMPORT_ERROR: str | None = traceback.format_exc()
 else:
     DOCKER_IMPORT_ERROR = None
-
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 
 class BridgeNetworkManager:
@@ -278,7 +276,7 @@ class BridgeNetworkManager:
         if DOCKER_IMPORT_ERROR is not None:
             self.module.fail_json(msg=missing_required_lib("docker (Debian: python3-docker)"),
                                   exception=DOCKER_IMPORT_ERROR)
-        host = self.module.params["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        host = docker_host_address(self.module.params["docker_host"])
         self.client = self._api(f"connecting to Docker at {host}", docker.APIClient,
                                 base_url=host, version="auto")
         inspect = self._inspect()

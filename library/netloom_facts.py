@@ -126,13 +126,13 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom import restore
 from ansible.module_utils.netloom.common import run_command
 from ansible.module_utils.netloom.constants import NETLOOM_ROUTE_PROTO, RTPROT_KERNEL
+from ansible.module_utils.netloom.docker_network import docker_host_address
 from ansible.module_utils.netloom.iptables import COMMENT_PREFIX, read_table, split_rule
 from ansible.module_utils.netloom.netlink import Netlink, Snapshot
 from ansible.module_utils.netloom.persist import persist_root
 from ansible.module_utils.netloom.wireguard import WgTool
 
 SECTIONS = ("links", "wireguard", "iptables", "docker", "restore")
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 IPTABLES_TABLES = ("raw", "nat", "filter")
 OWNED_CHAIN_PREFIX = "NETLOOM"
 # Containers netloom's modules own: by label prefix or by the name prefix their modules give them.
@@ -283,7 +283,7 @@ class FactsGatherer:
         except ImportError:
             raise RuntimeError("the docker SDK for Python is not installed "
                                "(Debian: python3-docker)") from None
-        host = self.module.params["docker_host"] or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        host = docker_host_address(self.module.params["docker_host"])
         if host.startswith("unix://") and not os.path.exists(host[len("unix://"):]):
             raise RuntimeError(f"no Docker engine: {host[len('unix://'):]} does not exist")
         client = docker.APIClient(base_url=host, version="auto", timeout=30)
