@@ -15,7 +15,6 @@ from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
 RFC1918 = tuple(ipaddress.IPv4Network(net) for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 
-
 @dataclass(frozen=True)
 class Verdict:
     """The decision for one CIDR as written, and why."""
