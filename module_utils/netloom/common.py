@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,17 @@ def guarded(module: Any, body: Callable[[], None]) -> None:
 
 
 # ---- validators: each returns the normalised value or raises InputError ----
+
+def known_fields(field_name: str, value: Any, allowed: Collection[str], shape: str,
+                 what: str) -> Mapping[str, Any]:
+    """A dict option (or list entry) holding only `allowed` keys; the first unknown key is named."""
+    if not isinstance(value, Mapping):
+        raise InputError(field_name, value, shape)
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise InputError(f"{field_name}.{unknown[0]}", value[unknown[0]], f"unknown {what} field")
+    return value
+
 
 def ipv4_address(field_name: str, value: Any) -> ipaddress.IPv4Address:
     try:

@@ -14,7 +14,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ansible.module_utils.netloom.common import InputError, int_range, ipv4_address, unicast_host
+from ansible.module_utils.netloom.common import (
+    InputError,
+    int_range,
+    ipv4_address,
+    known_fields,
+    unicast_host,
+)
 from ansible.module_utils.netloom.constants import NO_HOST_NETWORKS
 
 # The hub's address on a runner subnet is offset+254 (the seed's 10.N.0.254); a subnet
@@ -88,13 +94,9 @@ class AddressPlan:
             return value
         if isinstance(value, str):
             return cls.parse(value, field_name)
-        if not isinstance(value, Mapping):
-            raise InputError(field_name, value, "give a string BASE/PREFIX/NODE_BITS/SUBNET_BITS "
-                                                "or a dict with base, prefix, node_bits, subnet_bits")
-        unknown = set(value) - {"base", "prefix", "node_bits", "subnet_bits"}
-        if unknown:
-            raise InputError(f"{field_name}.{sorted(unknown)[0]}", value[sorted(unknown)[0]],
-                             "unknown plan field")
+        known_fields(field_name, value, ("base", "prefix", "node_bits", "subnet_bits"),
+                     "give a string BASE/PREFIX/NODE_BITS/SUBNET_BITS "
+                     "or a dict with base, prefix, node_bits, subnet_bits", "plan")
         for key in ("base", "node_bits", "subnet_bits"):
             if value.get(key) in (None, ""):
                 raise InputError(f"{field_name}.{key}", value.get(key), "is required")
@@ -231,12 +233,8 @@ def parse_runners(plan: AddressPlan, entries: Sequence[Any], field_name: str = "
     seen_ids: dict[int, int] = {}
     for position, entry in enumerate(entries):
         where = f"{field_name}[{position}]"
-        if not isinstance(entry, Mapping):
-            raise InputError(where, entry, "each runner is a dict with name, underlay_ip and optional id")
-        unknown = set(entry) - {"name", "underlay_ip", "id"}
-        if unknown:
-            key = sorted(unknown)[0]
-            raise InputError(f"{where}.{key}", entry[key], "unknown runner field")
+        known_fields(where, entry, ("name", "underlay_ip", "id"),
+                     "each runner is a dict with name, underlay_ip and optional id", "runner")
         name = entry.get("name")
         if name in (None, ""):
             raise InputError(f"{where}.name", name, "is required")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ansible.module_utils.netloom.allocator import ADDRESS_KEY_LABEL
-from ansible.module_utils.netloom.common import InputError
+from ansible.module_utils.netloom.common import InputError, known_fields
 from ansible.module_utils.netloom.docker_network import MANAGED_LABEL, MANAGED_VALUE
 
 KIND_LABEL = "netloom.workload.kind"
@@ -166,12 +166,8 @@ def mounts(field_name: str, value: Any, seeded: Sequence[Mount] = ()) -> list[Mo
     found = list(seeded)
     for position, entry in enumerate(value or []):
         where = f"{field_name}[{position}]"
-        if not isinstance(entry, Mapping):
-            raise InputError(where, entry, "a mount is a dict with source, target, read_only")
-        unknown = set(entry) - {"source", "target", "read_only"}
-        if unknown:
-            key = sorted(unknown)[0]
-            raise InputError(f"{where}.{key}", entry[key], "unknown mount field")
+        known_fields(where, entry, ("source", "target", "read_only"),
+                     "a mount is a dict with source, target, read_only", "mount")
         read_only = entry.get("read_only", False)
         if not isinstance(read_only, bool):
             raise InputError(f"{where}.read_only", read_only, "true or false")
