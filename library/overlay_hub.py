@@ -16,8 +16,10 @@ description:
   - Creates one VXLAN link C(LINK_PREFIX + N) per runner (VNI I(vni_base)+N, local I(underlay_ip),
     remote = the runner's underlay IP, UDP I(port), learning off, I(mtu)) holding the hub address
     of that runner's subnet. The hub is pure L3 (no bridge); the kernel routes between runners.
-  - A link whose VNI, local, remote, port or learning differ is recreated; MTU and up are fixed
-    in place; stale IPv4 addresses on owned links are removed. Links of runners no longer
+    Its MAC is derived from the runner id (C(02:6b) + N as four bytes), so after a hub reboot
+    the runners' neighbour entries for the hub address are still right.
+  - A link whose VNI, local, remote, port or learning differ is recreated; MTU, MAC and up are
+    fixed in place; stale IPv4 addresses on owned links are removed. Links of runners no longer
     declared are removed when I(purge) is true.
   - Runner ids - declared ids win; otherwise the id recorded in I(state_file) for the runner's name
     (or, for a renamed runner, its underlay IP); otherwise the id of an existing link whose remote
@@ -212,6 +214,7 @@ from ansible.module_utils.netloom.common import CommandError, InputError, ifname
 from ansible.module_utils.netloom.files import write_file
 from ansible.module_utils.netloom.firewalld import plan_trusted_interfaces
 from ansible.module_utils.netloom.iptables import OwnedChain, plan_chains
+from ansible.module_utils.netloom.mesh import hub_link_mac
 from ansible.module_utils.netloom.netlink import Link, Netlink, Snapshot, Vxlan, run_with_netlink
 from ansible.module_utils.netloom.overlay import (
     ANCHOR_KINDS,
@@ -353,7 +356,8 @@ class OverlayHub(OverlayManager):
             want = Vxlan(vni=vnis[runner.runner_id], local=self.underlay_ip, remote=runner.underlay_ip,
                          port=self.port, learning=False)
             fresh[runner.runner_id] = plan_vxlan(self.plan, self.nl, snapshot,
-                                                 f"{self.link_prefix}{runner.runner_id}", want, mtu)
+                                                 f"{self.link_prefix}{runner.runner_id}", want, mtu,
+                                                 address=hub_link_mac(runner.runner_id))
         # Addresses after all links exist: the new links' indexes are then learnt in one dump.
         plan_addresses(self.plan, self.nl, snapshot, self.anchor_name, [address_plan.hub_anchor],
                        fresh=anchor_fresh)

@@ -20,12 +20,24 @@ from ansible.module_utils.netloom.netlink import FdbEntry, Neighbour, Netlink, R
 from ansible.module_utils.netloom.plan import AddressPlan
 
 MAC_PREFIX = 0x026E  # locally administered, unicast ("n"); the runner id fills the other 4 bytes
+# The hub's link to runner N (vxkrN). Derived, not kernel-chosen: after a hub reboot the link has
+# the same MAC, so the runners' neighbour entries for 10.N.0.254 stay right and nothing is lost.
+HUB_LINK_MAC_PREFIX = 0x026B  # locally administered, unicast ("k")
+
+
+def _runner_mac(prefix: int, runner_id: int) -> str:
+    raw = (prefix << 32 | runner_id).to_bytes(6, "big")
+    return ":".join(f"{byte:02x}" for byte in raw)
 
 
 def vtep_mac(runner_id: int) -> str:
     """The deterministic MAC of runner N's mesh device: 02:6e + N as 4 bytes."""
-    raw = (MAC_PREFIX << 32 | runner_id).to_bytes(6, "big")
-    return ":".join(f"{byte:02x}" for byte in raw)
+    return _runner_mac(MAC_PREFIX, runner_id)
+
+
+def hub_link_mac(runner_id: int) -> str:
+    """The deterministic MAC of the hub's link to runner N: 02:6b + N as 4 bytes."""
+    return _runner_mac(HUB_LINK_MAC_PREFIX, runner_id)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ def test_create_check_diff_and_idempotence(hub: Netns) -> None:
         assert vxlan(link) == {"id": 100 + number, "remote": runner["underlay_ip"], "local": "192.0.2.1",
                                "port": 4789, "learning": False}
         assert link["mtu"] == 1450
+        assert link["address"] == f"02:6b:00:00:00:{number:02x}"  # the same after a reboot
         assert "UP" in link["flags"]
         assert addresses(hub, f"vxkr{number}") == [f"10.{number}.0.254/16"]
     assert addresses(hub, "kohaku-host") == ["10.0.0.1/8"]
@@ -117,6 +118,7 @@ def test_drift_is_reported_in_check_mode_and_repaired(hub: Netns) -> None:
     hub.sh("ip link set vxkr1 type vxlan remote 192.0.2.99")
     hub.sh("ip addr add 10.77.0.1/24 dev vxkr1")
     hub.sh("ip link set vxkr3 mtu 1400 && ip link set vxkr3 down")
+    hub.sh("ip link set vxkr3 address 02:00:00:00:00:33")
     hub.sh("ip addr del 10.0.0.1/8 dev kohaku-host")
     hub.sh("iptables -D NETLOOM-OVLHUB-FWD 3")
     drifted = kernel_state(hub)
@@ -137,6 +139,7 @@ def test_drift_is_reported_in_check_mode_and_repaired(hub: Netns) -> None:
     assert addresses(hub, "vxkr1") == ["10.1.0.254/16"]
     assert vxlan(live["vxkr2"])["id"] == 102
     assert live["vxkr3"]["mtu"] == 1450 and "UP" in live["vxkr3"]["flags"]
+    assert live["vxkr3"]["address"] == "02:6b:00:00:00:03"
     assert live["vxkr3"]["ifindex"] == index_before  # MTU and up fixed in place, not recreated
     assert addresses(hub, "kohaku-host") == ["10.0.0.1/8"]
     assert hub.sh("iptables -S NETLOOM-OVLHUB-FWD").splitlines() == hub_rules()
