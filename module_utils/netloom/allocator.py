@@ -1,0 +1,380 @@
+"""The one overlay address allocator of a runner: Docker containers, VMs and reservations alike.
+
+The reference system had three allocators (hub, Docker IPAM, VMs) that ignored each other and
+kept their reservations in memory. Here every workload address of runner N's subnet comes from
+this one book, kept on the runner itself, so it survives runs, reboots and a new controller.
+
+Where it lives: `<root>/var/lib/netloom/overlay-addresses.json` (0600 in a 0700 folder, written
+atomically through files.write_file); `<root>` is / on a node and NETLOOM_STATE_ROOT in tests
+(as NETLOOM_PERSIST_ROOT for persist.py). Runs on one node are serialised by an exclusive
+flock on `<root>/run/lock/netloom-overlay-addresses.lock`, held from the read of the book until
+the run's plan has executed (`with allocator.locked(): ...` around the whole module body).
+
+What is never handed out:
+- the network, gateway (offset+1), hub (offset+254) and broadcast addresses;
+- any address held by another key in the book (whatever its owner kind);
+- any address live on the overlay bridge that the book does not explain: the bridge's own
+  addresses, neighbour entries in a confirmed state (reachable, permanent, noarp, delay,
+  probe; a stale or failed entry proves nothing), and every Docker endpoint on the overlay
+  network, running or not (a stopped container's fixed IPAMConfig address included).
+Automatic allocation counts down from the top of the workload range: Docker's own IPAM hands
+out addresses from the bottom to containers started without a fixed address, so the two stay
+apart; every netloom container is started with its allocator address, which Docker's IPAM then
+knows too.
+
+API (keys: 1..128 of letters, digits and _.:@-; owners: container | vm | reservation):
+
+    from ansible.module_utils.netloom.allocator import OverlayAllocator, addressing_from_bridge
+
+    allocator = OverlayAllocator(module, addressing, nl=nl, docker_client=client)
+    with allocator.locked():                      # reads the book and the live bridge
+        allocator.reconcile(plan)                 # free leaks that are certain (see below)
+        address = allocator.reserve(plan, "vm-web1", "vm", fixed=None, field_name="address")
+        ...                                       # plan the workload with `address`
+        finish(module, plan, address=str(address))  # runs the plan (not in check mode)
+
+    allocator.release(plan, "vm-web1")            # state=absent: returns the freed address
+    allocator.lookup("vm-web1")                   # Allocation | None, read only
+
+`reserve` and `release` change the in-memory book at once (so a second call in the same run
+sees the first) and add one ChangePlan step that writes the book as it stands then; check mode
+runs the same code and skips the steps, so it reports the same address and writes nothing.
+Reserving a key again returns its recorded address (idempotent); a fixed address different from
+the recorded one moves the key. A fixed address is validated: inside the workload range, not
+the gateway or hub, not held by another key, not in use on the bridge; errors name the field
+and the value (InputError). A key recorded with another owner kind is refused.
+
+Reconcile frees an allocation only when its workload is certainly gone: a `container` key whose
+labelled container (label netloom.address.key=KEY, any state) no longer exists while Docker
+answered. Other owners are freed only through a checker the caller passes
+(`alive={"vm": lambda key: bool | None}`; None means unknown and keeps the allocation).
+Explicit reservations are released only by `release`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ansible.module_utils.netloom.common import ChangePlan, CommandError, InputError, ipv4_address
+from ansible.module_utils.netloom.files import read_text, write_file
+from ansible.module_utils.netloom.plan import HUB_HOST_OFFSET, RunnerAddressing
+
+OWNER_KINDS = ("container", "vm", "reservation")
+# Docker objects holding an allocation carry this label with their key: reconcile finds them.
+ADDRESS_KEY_LABEL = "netloom.address.key"
+STATE_FILE = "var/lib/netloom/overlay-addresses.json"
+LOCK_FILE = "run/lock/netloom-overlay-addresses.lock"
+STATE_VERSION = 1
+STATE_MODE = 0o600
+STATE_DIR_MODE = 0o700
+DEFAULT_BRIDGE = "kohaku-overlay"
+DEFAULT_NETWORK = "kohakuriver-overlay"
+# Neighbour states that show a live holder; stale/failed/incomplete entries outlive their holder.
+LIVE_NEIGHBOUR_STATES = frozenset({"reachable", "permanent", "noarp", "delay", "probe"})
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+
+
+def state_root() -> str:
+    """/ on a node; tests point NETLOOM_STATE_ROOT at a scratch directory."""
+    return os.environ.get("NETLOOM_STATE_ROOT") or "/"
+
+
+def addressing_from_bridge(interface: ipaddress.IPv4Interface, runner_id: int = 0) -> RunnerAddressing:
+    """A runner's addresses from its bridge's gateway address (10.N.0.1/16), as AddressPlan.runner
+    derives them: the bridge is the live truth of which subnet this runner has. runner_id is not
+    implied by the subnet alone and only informs messages."""
+    subnet = interface.network
+    offset = subnet.network_address
+    if interface.ip != offset + 1:
+        raise InputError("bridge address", str(interface),
+                         f"the overlay bridge holds {interface}, not the gateway {offset + 1} of {subnet}")
+    last = subnet.broadcast_address - 1
+    return RunnerAddressing(runner_id=runner_id, subnet=subnet, gateway=offset + 1,
+                            hub_address=min(offset + HUB_HOST_OFFSET, last),
+                            first_workload=offset + 2, last_workload=last)
+
+
+def allocation_key(field_name: str, value: Any) -> str:
+    text = value if isinstance(value, str) else ""
+    if not _KEY_RE.fullmatch(text):
+        raise InputError(field_name, value, "an address key is 1..128 letters, digits and _.:@-, "
+                                            "starting with a letter or digit")
+    return text
+
+
+def owner_kind(field_name: str, value: Any) -> str:
+    if value not in OWNER_KINDS:
+        raise InputError(field_name, value, f"owner kind must be one of {', '.join(OWNER_KINDS)}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    key: str
+    owner: str
+    address: ipaddress.IPv4Address
+
+    def describe(self) -> dict[str, str]:
+        return {"key": self.key, "owner": self.owner, "address": str(self.address)}
+
+
+@dataclass(frozen=True)
+class LiveUse:
+    """Something live on the bridge holding an address; `key` when it is a labelled workload."""
+
+    address: ipaddress.IPv4Address
+    what: str
+    key: str | None = None
+
+
+class AddressBook:
+    """The allocations of one runner subnet and the pure decisions on them (no I/O)."""
+
+    def __init__(self, addressing: RunnerAddressing, allocations: Mapping[str, Allocation] | None = None,
+                 in_use: list[LiveUse] | None = None) -> None:
+        self.addressing = addressing
+        self.allocations: dict[str, Allocation] = dict(allocations or {})
+        self.in_use = list(in_use or [])
+
+    # ---- the file ----
+
+    @classmethod
+    def parse(cls, addressing: RunnerAddressing, text: str | None, source: str) -> AddressBook:
+        """Read the book; a corrupt file or one for another subnet is an error, never reset."""
+        if text is None or not text.strip():
+            return cls(addressing)
+        try:
+            data = json.loads(text)
+            subnet = ipaddress.IPv4Network(data["subnet"])
+            allocations = {}
+            for key, entry in data["allocations"].items():
+                allocations[key] = Allocation(allocation_key(f"{source} key", key),
+                                              owner_kind(f"{source} {key}.owner", entry["owner"]),
+                                              ipaddress.IPv4Address(entry["address"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InputError(source, text[:200], f"not a netloom overlay address book ({err})") from None
+        if subnet != addressing.subnet:
+            raise InputError(source, str(subnet),
+                             f"records allocations of subnet {subnet} but the overlay bridge is on "
+                             f"{addressing.subnet}: the runner was renumbered; release or move the "
+                             "workloads before reusing this book")
+        return cls(addressing, allocations)
+
+    def render(self) -> str:
+        """Canonical JSON: unchanged allocations mean unchanged bytes."""
+        allocations = {key: {"owner": item.owner, "address": str(item.address)}
+                       for key, item in sorted(self.allocations.items())}
+        return json.dumps({"version": STATE_VERSION, "subnet": str(self.addressing.subnet),
+                           "allocations": allocations}, indent=2, sort_keys=True) + "\n"
+
+    # ---- decisions ----
+
+    def holder_of(self, address: ipaddress.IPv4Address, key: str) -> str | None:
+        """Who other than `key` holds `address`, as a phrase; None when it is free for `key`."""
+        for other in self.allocations.values():
+            if other.address == address and other.key != key:
+                return f"allocated to {other.owner} {other.key}"
+        recorded = self.allocations.get(key)
+        for use in self.in_use:
+            if use.address != address:
+                continue
+            if use.key == key:
+                continue
+            if use.key is None and recorded is not None and recorded.address == address:
+                continue  # the bridge sees our own workload there (an ARP entry, say)
+            if use.key is not None and use.key in self.allocations \
+                    and self.allocations[use.key].address == address:
+                return f"allocated to {self.allocations[use.key].owner} {use.key}"
+            return f"in use by {use.what}"
+        return None
+
+    def check_fixed(self, field_name: str, value: Any, key: str) -> ipaddress.IPv4Address:
+        """A fixed address a workload asked for: in range, not gateway/hub, free for `key`."""
+        address = ipv4_address(field_name, value)
+        ranges = self.addressing
+        if address == ranges.gateway:
+            raise InputError(field_name, value, f"is the runner's gateway ({ranges.subnet})")
+        if address == ranges.hub_address:
+            raise InputError(field_name, value, f"is the hub's address on {ranges.subnet}")
+        if not ranges.first_workload <= address <= ranges.last_workload:
+            raise InputError(field_name, value, f"is outside this runner's workload range "
+                                                f"{ranges.first_workload}..{ranges.last_workload}")
+        holder = self.holder_of(address, key)
+        if holder is not None:
+            raise InputError(field_name, value, f"is {holder}")
+        return address
+
+    def candidates(self) -> Iterator[ipaddress.IPv4Address]:
+        """Workload addresses from the top down, without the hub address."""
+        ranges = self.addressing
+        current = int(ranges.last_workload)
+        while current >= int(ranges.first_workload):
+            address = ipaddress.IPv4Address(current)
+            if address != ranges.hub_address:
+                yield address
+            current -= 1
+
+    def choose(self, key: str, owner: str, fixed: Any = None, field_name: str = "address") -> Allocation:
+        """The allocation `key` gets (not yet recorded): its recorded one, the fixed one, or a free one."""
+        recorded = self.allocations.get(key)
+        if recorded is not None and recorded.owner != owner:
+            raise InputError("key", key, f"is recorded for owner kind {recorded.owner}, not {owner}")
+        if fixed not in (None, ""):
+            return Allocation(key, owner, self.check_fixed(field_name, fixed, key))
+        if recorded is not None:
+            return recorded
+        for address in self.candidates():
+            if self.holder_of(address, key) is None:
+                return Allocation(key, owner, address)
+        ranges = self.addressing
+        raise InputError("key", key, f"no free overlay address left in {ranges.first_workload}.."
+                                     f"{ranges.last_workload} ({ranges.workload_count} addresses, "
+                                     f"{len(self.allocations)} allocated, the rest in use)")
+
+    def record(self, allocation: Allocation) -> None:
+        self.allocations[allocation.key] = allocation
+
+    def forget(self, key: str) -> Allocation | None:
+        return self.allocations.pop(key, None)
+
+    def leaks(self, alive: Mapping[str, Callable[[str], bool | None]]) -> list[Allocation]:
+        """Allocations whose workload a checker says is certainly gone (False, not None)."""
+        gone = []
+        for key, allocation in sorted(self.allocations.items()):
+            checker = alive.get(allocation.owner)
+            if allocation.owner != "reservation" and checker is not None and checker(key) is False:
+                gone.append(allocation)
+        return gone
+
+
+class OverlayAllocator:
+    """The book on the node: lock, read (file + live bridge + Docker), plan writes."""
+
+    def __init__(self, module: Any, addressing: RunnerAddressing, nl: Any = None, docker_client: Any = None,
+                 bridge: str = DEFAULT_BRIDGE, network: str = DEFAULT_NETWORK) -> None:
+        self.module = module
+        self.addressing = addressing
+        self.nl = nl
+        self.client = docker_client
+        self.bridge = bridge
+        self.network = network
+        self.book = AddressBook(addressing)
+        self.labelled_keys: set[str] | None = None  # None: Docker not asked or did not answer
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(state_root(), STATE_FILE)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[OverlayAllocator]:
+        """Hold the runner's allocator lock and read the book and live use under it."""
+        lock_path = os.path.join(state_root(), LOCK_FILE)
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        with open(lock_path, "a", encoding="utf-8") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                self.load()
+                yield self
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def load(self) -> None:
+        book = AddressBook.parse(self.addressing, read_text(self.state_path), self.state_path)
+        book.in_use = self._bridge_use() + self._docker_use()
+        self.book = book
+
+    def _bridge_use(self) -> list[LiveUse]:
+        if self.nl is None:
+            return []
+        subnet = self.addressing.subnet
+        snapshot = self.nl.dump()
+        if snapshot.link(self.bridge) is None:
+            return []
+        found = [LiveUse(interface.ip, f"an address of {self.bridge}")
+                 for interface in snapshot.addresses_of(self.bridge) if interface.ip in subnet]
+        for neighbour in self.nl.neighbours(self.bridge):
+            if neighbour.dst.version == 4 and neighbour.dst in subnet \
+                    and LIVE_NEIGHBOUR_STATES.intersection(neighbour.state):
+                state = "/".join(neighbour.state)
+                found.append(LiveUse(neighbour.dst, f"a neighbour on {self.bridge} "
+                                                    f"({neighbour.lladdr or 'no MAC'}, {state})"))
+        return found
+
+    def _docker_use(self) -> list[LiveUse]:
+        """Every container's address on the overlay network, stopped ones' fixed addresses too."""
+        if self.client is None:
+            return []
+        try:
+            containers = self.client.containers(all=True)
+        except Exception as err:  # docker.errors.DockerException, requests errors: Docker unreachable
+            raise CommandError(f"listing containers for the overlay address book: {err}") from None
+        self.labelled_keys = set()
+        found = []
+        for container in containers:
+            labels = container.get("Labels") or {}
+            key = labels.get(ADDRESS_KEY_LABEL)
+            if key:
+                self.labelled_keys.add(key)
+            endpoint = ((container.get("NetworkSettings") or {}).get("Networks") or {}).get(self.network)
+            if not endpoint:
+                continue
+            name = (container.get("Names") or [container.get("Id", "?")[:12]])[0].lstrip("/")
+            texts = {endpoint.get("IPAddress"), ((endpoint.get("IPAMConfig") or {}).get("IPv4Address"))}
+            for text in sorted(t for t in texts if t):
+                with contextlib.suppress(ValueError):
+                    address = ipaddress.IPv4Address(text.split("/")[0])
+                    if address in self.addressing.subnet:
+                        found.append(LiveUse(address, f"container {name}", key))
+        return found
+
+    # ---- the API the modules call ----
+
+    def lookup(self, key: str) -> Allocation | None:
+        return self.book.allocations.get(key)
+
+    def reserve(self, plan: ChangePlan, key: str, owner: str, fixed: Any = None,
+                field_name: str = "address") -> ipaddress.IPv4Address:
+        """The address of `key` (recorded, fixed or newly chosen); plans the write when it changes."""
+        key = allocation_key("key", key)
+        owner = owner_kind("owner", owner)
+        recorded = self.lookup(key)
+        allocation = self.book.choose(key, owner, fixed, field_name)
+        if allocation != recorded:
+            self.book.record(allocation)
+            self._plan_write(plan, key, "update" if recorded else "create",
+                             recorded.describe() if recorded else None, allocation.describe())
+        return allocation.address
+
+    def release(self, plan: ChangePlan, key: str) -> ipaddress.IPv4Address | None:
+        """Free `key`'s address (state=absent of its workload); None when it held none."""
+        allocation = self.book.forget(allocation_key("key", key))
+        if allocation is None:
+            return None
+        self._plan_write(plan, key, "delete", allocation.describe(), None)
+        return allocation.address
+
+    def reconcile(self, plan: ChangePlan,
+                  alive: Mapping[str, Callable[[str], bool | None]] | None = None) -> list[Allocation]:
+        """Free the allocations whose workloads are certainly gone; returns them."""
+        checkers: dict[str, Callable[[str], bool | None]] = dict(alive or {})
+        if "container" not in checkers and self.labelled_keys is not None:
+            labelled = self.labelled_keys
+            checkers["container"] = lambda key: key in labelled
+        freed = self.book.leaks(checkers)
+        for allocation in freed:
+            self.book.forget(allocation.key)
+            self._plan_write(plan, allocation.key, "delete", allocation.describe(), None)
+        return freed
+
+    def _plan_write(self, plan: ChangePlan, key: str, action: str, before: Any, after: Any) -> None:
+        text = self.book.render()  # the book as it stands after this change
+        plan.add(f"overlay address {key}", action, before, after,
+                 lambda: write_file(self.module, self.state_path, text, mode=STATE_MODE,
+                                    dir_mode=STATE_DIR_MODE))
