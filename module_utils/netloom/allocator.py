@@ -29,7 +29,8 @@ API (keys: 1..128 of letters, digits and _.:@-; owners: container | vm | reserva
     allocator = OverlayAllocator(module, addressing, nl=nl, docker_client=client)
     with allocator.locked():                      # reads the book and the live bridge
         allocator.reconcile(plan)                 # free leaks that are certain (see below)
-        address = allocator.reserve(plan, "vm-web1", "vm", fixed=None, field_name="address")
+        address = allocator.reserve(plan, "vm-web1", "vm", fixed=None, field_name="address",
+                                    prefer=None)  # prefer: the address its live workload holds
         ...                                       # plan the workload with `address`
         finish(module, plan, address=str(address))  # runs the plan (not in check mode)
 
@@ -221,8 +222,10 @@ class AddressBook:
                 yield address
             current -= 1
 
-    def choose(self, key: str, owner: str, fixed: Any = None, field_name: str = "address") -> Allocation:
-        """The allocation `key` gets (not yet recorded): its recorded one, the fixed one, or a free one."""
+    def choose(self, key: str, owner: str, fixed: Any = None, field_name: str = "address",
+               prefer: ipaddress.IPv4Address | None = None) -> Allocation:
+        """The allocation `key` gets (not yet recorded): its recorded one, the fixed one, `prefer`
+        (the address its running workload already has) when free for it, or the highest free one."""
         recorded = self.allocations.get(key)
         if recorded is not None and recorded.owner != owner:
             raise InputError("key", key, f"is recorded for owner kind {recorded.owner}, not {owner}")
@@ -230,10 +233,14 @@ class AddressBook:
             return Allocation(key, owner, self.check_fixed(field_name, fixed, key))
         if recorded is not None:
             return recorded
+        ranges = self.addressing
+        if prefer is not None and prefer != ranges.hub_address \
+                and ranges.first_workload <= prefer <= ranges.last_workload \
+                and self.holder_of(prefer, key) is None:
+            return Allocation(key, owner, prefer)
         for address in self.candidates():
             if self.holder_of(address, key) is None:
                 return Allocation(key, owner, address)
-        ranges = self.addressing
         raise InputError("key", key, f"no free overlay address left in {ranges.first_workload}.."
                                      f"{ranges.last_workload} ({ranges.workload_count} addresses, "
                                      f"{len(self.allocations)} allocated, the rest in use)")
@@ -340,12 +347,14 @@ class OverlayAllocator:
         return self.book.allocations.get(key)
 
     def reserve(self, plan: ChangePlan, key: str, owner: str, fixed: Any = None,
-                field_name: str = "address") -> ipaddress.IPv4Address:
-        """The address of `key` (recorded, fixed or newly chosen); plans the write when it changes."""
+                field_name: str = "address",
+                prefer: ipaddress.IPv4Address | None = None) -> ipaddress.IPv4Address:
+        """The address of `key` (recorded, fixed, `prefer` or newly chosen); plans the write when it
+        changes. `prefer`: the address the key's workload already holds (a lost book is rebuilt)."""
         key = allocation_key("key", key)
         owner = owner_kind("owner", owner)
         recorded = self.lookup(key)
-        allocation = self.book.choose(key, owner, fixed, field_name)
+        allocation = self.book.choose(key, owner, fixed, field_name, prefer)
         if allocation != recorded:
             self.book.record(allocation)
             self._plan_write(plan, key, "update" if recorded else "create",

@@ -177,3 +177,9 @@ def test_reconcile_without_docker_keeps_container_allocations(module: basic.Ansi
         assert allocator.reconcile(plan) == []  # Docker not asked: not certain, nothing freed
         freed = allocator.reconcile(plan, {"container": lambda key: False})
     assert [allocation.key for allocation in freed] == ["c1"]
+
+
+def test_a_lost_book_keeps_the_address_a_live_workload_holds() -> None:
+    book = AddressBook(TINY, in_use=[LiveUse(IP("10.0.0.11"), "container kohakuriver-vps-a", "vps-a")])
+    assert book.choose("vps-a", "container", prefer=IP("10.0.0.11")).address == IP("10.0.0.11")
+    assert book.choose("other", "container", prefer=IP("10.0.0.11")).address == IP("10.0.0.13")
