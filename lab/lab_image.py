@@ -175,13 +175,13 @@ def _run(argv: list[str], log: IO[str], log_path: Path, step: str, stdin: IO[byt
         raise ImageError(f"{step} failed (exit {result.returncode}); end of {log_path}:\n{tail}")
 
 
-def _install_overlay(rootfs: Path) -> None:
+def _install_overlay(rootfs: Path, overlay_dir: Path = OVERLAY_DIR) -> None:
     """Copy lab/image/rootfs/ into the new rootfs, never through a symlink that leaves it."""
     root = rootfs.resolve()
-    for source in sorted(OVERLAY_DIR.rglob("*")):
+    for source in sorted(overlay_dir.rglob("*")):
         if not source.is_file() or "__pycache__" in source.parts:
             continue
-        target = rootfs / source.relative_to(OVERLAY_DIR)
+        target = rootfs / source.relative_to(overlay_dir)
         existing = target.parent  # check before creating anything below it
         while not existing.exists() and not existing.is_symlink():
             existing = existing.parent

@@ -2,6 +2,7 @@
 """netloom lab: multi-node labs of systemd containers that Ansible reaches over SSH.
 
     netloom_lab.py image                      build the node image (once per recipe)
+    netloom_lab.py guest                      build the test VM guest (once per recipe)
     netloom_lab.py up --topology FILE         create/repair the lab, write its inventory
     netloom_lab.py restart --topology FILE --node NAME ...   reboot nodes (systemd shutdown and boot)
     netloom_lab.py down --topology FILE       remove everything the lab made
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import guest_image
 import lab_docker  # the lab's modules live next to this script
 import lab_image
 import lab_topology
@@ -31,6 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="netloom_lab.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("image", help="build the lab node image unless the engine has the current one")
+    commands.add_parser("guest", help="build the test VM guest (qcow2, kernel, initrd) unless cached")
     up = commands.add_parser("up", help="bring a lab up (idempotent) and write its Ansible inventory")
     up.add_argument("--topology", type=Path, required=True, help="lab topology YAML (lab/topologies/*.yml)")
     up.add_argument("--inventory-file", type=Path, default=lab_docker.DEFAULT_INVENTORY,
@@ -57,6 +60,10 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         topology = lab_topology.load(args.topology) if getattr(args, "topology", None) else None
+        if args.command == "guest":
+            guest = guest_image.ensure_guest(lab_docker.STATE_DIR, say)
+            say(f"guest: {guest.directory}")
+            return 0
         client = lab_docker.connect()
         if args.command == "image":
             tag = lab_image.ensure_image(client, lab_docker.STATE_DIR, say)

@@ -115,12 +115,14 @@ def command_succeeds(argv: list[str]) -> bool:
         return False
 
 
-def finish(module: Any, plan: ChangePlan, **result: Any) -> None:
+def finish(module: Any, plan: ChangePlan, late: Callable[[], dict[str, Any]] | None = None,
+           **result: Any) -> None:
     """Execute the plan unless in check mode and exit with changed, diff and the steps.
 
     A step that fails ends the run with fail_json that still says what was changed: `changed`
     is true when any step before it was done, `changes` lists those steps and `failed_step`
-    names the one that failed, so an operator knows what the node now holds.
+    names the one that failed, so an operator knows what the node now holds. `late` returns
+    results only the executed steps know (e.g. how a VM stopped); it is called after them.
     """
     if not module.check_mode:
         try:
@@ -134,6 +136,8 @@ def finish(module: Any, plan: ChangePlan, **result: Any) -> None:
     if module._diff:  # pylint: disable=protected-access
         payload["diff"] = plan.diff()
     payload.update(result)
+    if late is not None:
+        payload.update(late())
     module.exit_json(**payload)
 
 
