@@ -264,7 +264,7 @@ def qemu_argv(spec: VmSpec, accel: str) -> list[str]:
         "-netdev",
         f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
         "-device",
-        f"virtio-net-pci,netdev=net0,mac={spec.mac},host_mtu={spec.mtu}",
+        f"virtio-net-pci,netdev=net0,mac={spec.mac},host_mtu={spec.mtu},romfile=",
         "-chardev",
         f"file,id=serial0,path={paths.serial_log},append=on",
         "-serial",

@@ -20,7 +20,7 @@ TEST_TOOLS = (
     "ip", "ss", "iptables", "iptables-save", "iptables-restore", "nsenter", "unshare", "mount", "umount",
     "ping", "sysctl", "wg", "wg-quick", "wireguard-go", "haproxy", "nginx", "curl", "docker", "dockerd",
     "debootstrap", "ssh", "ssh-keygen", "busybox", "openssl", "getent", "ldd", "iperf3", "tar", "mktemp",
-    "cat", "systemd-analyze",
+    "cat", "systemd-analyze", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "chroot",
 )
 
 

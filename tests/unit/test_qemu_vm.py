@@ -95,7 +95,7 @@ def test_command_line() -> None:
     assert argv[argv.index("-accel") + 1] == "tcg"
     assert argv[argv.index("-m") + 1] == "512" and argv[argv.index("-smp") + 1] == "1"
     assert "tap,id=net0,ifname=nlvm-web1,script=no,downscript=no" in argv
-    assert f"virtio-net-pci,netdev=net0,mac={qemu.derived_mac('web1')},host_mtu=1450" in argv
+    assert f"virtio-net-pci,netdev=net0,mac={qemu.derived_mac('web1')},host_mtu=1450,romfile=" in argv
     assert "unix:/run/netloom/vms/web1/qmp.sock,server=on,wait=off" in argv
     assert argv[argv.index("-pidfile") + 1] == "/run/netloom/vms/web1/qemu.pid"
     assert "file=/var/lib/netloom/vms/web1/disk.qcow2,id=disk0,if=virtio,format=qcow2,discard=unmap" in argv
