@@ -23,8 +23,8 @@ description:
     every address in use. C(state=absent) frees it.
   - The NIC is a TAP C(nlvm-NAME) on I(bridge) (the runner's overlay bridge C(kohaku-overlay)) with
     the MAC C(52:54:00) plus three bytes of sha256(NAME), so a VM keeps its MAC across runs. A TAP
-    of that name that is not this VM's, or a MAC another VM of the node or a neighbour on the bridge holds, fails
-    before any change; set I(mac) to choose another.
+    of that name that is not this VM's, or a MAC another VM of the node or a neighbour on the
+    bridge holds, fails before any change; set I(mac) to choose another.
   - The VM runs as C(netloom-vm-NAME.service). The unit creates the TAP, runs QEMU (QMP socket and
     pidfile in C(/run/netloom/vms/NAME/), serial console in C(/var/lib/netloom/vms/NAME/serial.log))
     and deletes the TAP when QEMU ends. It outlives the Ansible connection, restarts a QEMU that
@@ -488,8 +488,6 @@ class VmManager:
         error = missing_pyroute2()
         if error:
             self.module.fail_json(msg=error)
-        if not systemd_util.booted():
-            self.module.fail_json(msg="qemu_vm needs systemd as PID 1: each VM runs as its own unit")
         with Netlink() as nl:
             self.read(nl)
             if self.params["state"] == "absent":
@@ -519,8 +517,14 @@ class VmManager:
                     field_name="address",
                     prefer=ipaddress.IPv4Address(prefer.split("/")[0]) if prefer else None,
                 )
+                self.require_systemd()
                 self.plan_present(address, addressing.gateway, addressing.subnet.prefixlen)
                 finish(self.module, self.plan, late=self.late_result, **self.result)
+
+    def require_systemd(self) -> None:
+        """Checked after the input and the live state (those errors come first), before any change."""
+        if not systemd_util.booted():
+            self.module.fail_json(msg="qemu_vm needs systemd as PID 1: each VM runs as its own unit")
 
     def late_result(self) -> dict[str, Any]:
         """What the executed steps found out (how a VM stopped, its status, a KVM fallback)."""
@@ -692,6 +696,7 @@ class VmManager:
         self.result["status"] = "stopped"
 
     def plan_absent(self, nl: Netlink) -> None:
+        self.require_systemd()
         if self.active:
             self.plan.add(f"vm {self.spec.name}", "delete", self.status, "stopped", self.stop)
         if self.unit_text is not None:

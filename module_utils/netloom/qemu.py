@@ -27,7 +27,7 @@ from typing import Any
 
 from ansible.module_utils.netloom.common import IFNAME_MAX, InputError, int_range
 
-STATE_ROOT = "/var/lib/netloom/vms"
+STATE_DIR = "var/lib/netloom/vms"  # under the node's root: / (NETLOOM_STATE_ROOT in tests, as the allocator)
 RUN_ROOT = "/run/netloom/vms"
 UNIT_PREFIX = "netloom-vm-"
 TAP_PREFIX = "nlvm-"
@@ -150,13 +150,17 @@ class VmSpec:
         return VmPaths(self.name)
 
 
+def vms_root() -> str:
+    return os.path.join(os.environ.get("NETLOOM_STATE_ROOT") or "/", STATE_DIR)
+
+
 @dataclass(frozen=True)
 class VmPaths:
     name: str
 
     @property
     def state_dir(self) -> str:
-        return os.path.join(STATE_ROOT, self.name)
+        return os.path.join(vms_root(), self.name)
 
     @property
     def run_dir(self) -> str:
@@ -437,10 +441,10 @@ def choose_accel(requested: str, probe: Any = kvm_usable) -> tuple[str, str]:
 # ---- what the other VMs of the node hold (collision checks) ----
 
 
-def other_records(name: str, state_root: str = STATE_ROOT) -> dict[str, dict[str, Any]]:
+def other_records(name: str, root: str | None = None) -> dict[str, dict[str, Any]]:
     """vm.json of every other VM on this node: name -> {tap, mac, address}."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(glob.glob(os.path.join(state_root, "*", "vm.json"))):
+    for path in sorted(glob.glob(os.path.join(root or vms_root(), "*", "vm.json"))):
         other = os.path.basename(os.path.dirname(path))
         if other == name:
             continue
