@@ -339,8 +339,8 @@ class Qmp:
 
     def _connect(self) -> Any:
         client = QEMUMonitorProtocol(self.path)
-        client.connect(negotiate=True)
         client.settimeout(self.timeout)
+        client.connect(negotiate=True)
         return client
 
     def status(self) -> str | None:
@@ -352,16 +352,16 @@ class Qmp:
         except OSError:
             return None
         try:
-            return str(client.cmd("query-status")["return"]["status"])
+            return str(client.cmd("query-status")["status"])
         finally:
             client.close()
 
     def command(self, name: str, **arguments: Any) -> None:
         client = self._connect()
         try:
-            reply = client.cmd(name, arguments or None)
-            if "error" in reply:
-                raise QmpError(f"QMP {name}: {reply['error'].get('desc')}")
+            client.cmd(name, **arguments)
+        except Exception as err:  # qemu.qmp's ExecuteError carries QEMU's own message
+            raise QmpError(f"QMP {name}: {err}") from err
         finally:
             client.close()
 
@@ -369,14 +369,12 @@ class Qmp:
         """system_powerdown, then wait for the SHUTDOWN event; whether it came in time."""
         client = self._connect()
         try:
-            reply = client.cmd("system_powerdown")
-            if "error" in reply:
-                raise QmpError(f"QMP system_powerdown: {reply['error'].get('desc')}")
+            client.cmd("system_powerdown")
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 try:
-                    event = client.pull_event(wait=max(0.1, deadline - time.monotonic()))
-                except Exception:  # qemu.qmp raises its own timeout/EOF errors: no event in time
+                    event = client.pull_event(wait=float(max(0.1, deadline - time.monotonic())))
+                except Exception:  # asyncio.TimeoutError, or EOF when QEMU already left: no event in time
                     return False
                 if event and event.get("event") == "SHUTDOWN":
                     return True
@@ -749,7 +747,7 @@ class VmManager:
         if qemu_status(self.paths.qmp) in ("running", "paused"):
             try:
                 graceful = Qmp(self.paths.qmp).powerdown(self.params["stop_timeout"])
-            except (OSError, QmpError):
+            except Exception:  # QEMU went away mid-exchange: the unit stop below settles it
                 graceful = False
         run_command(["systemctl", "stop", self.spec.unit])
         self.result["stop"] = "powerdown" if graceful else "killed"
@@ -794,9 +792,10 @@ class VmManager:
 
 
 def qemu_status(path: str) -> str | None:
+    """The VM's QMP status; None when QEMU does not answer (not running, or going away)."""
     try:
         return Qmp(path).status()
-    except (OSError, KeyError, QmpError):
+    except Exception:  # any failure of the QMP exchange means no usable answer from this QEMU
         return None
 
 

@@ -385,30 +385,18 @@ def fill_slots(
 def kvm_usable(probe_seconds: float = 4.0) -> tuple[bool, str]:
     """Whether a KVM guest really runs here, and why not.
 
-    /dev/kvm opening is not enough: with broken nested virtualisation QEMU starts and the
-    first guest instruction stops it with "KVM internal error". So run the firmware for a few
-    seconds under KVM and watch for that (or any start failure).
+    /dev/kvm opening is not enough: with broken nested virtualisation QEMU aborts at vCPU reset
+    or the guest stops with "KVM internal error". So run the firmware for a few seconds under
+    KVM with the VM's machine and CPU model and watch for that (or any exit).
     """
     if not os.path.exists("/dev/kvm"):
         return False, "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not readable and writable"
-    argv = [
-        QEMU_BINARY,
-        "-accel",
-        "kvm",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-m",
-        "32",
-        "-serial",
-        "none",
-        "-monitor",
-        "none",
-        "-no-reboot",
-    ]
+    # The VM's own machine and CPU model: on the test machines `-cpu max` under nested KVM
+    # aborts at vCPU reset ("failed to set MSR"), which a probe with the default CPU does not see.
+    argv = [QEMU_BINARY, "-machine", "q35", "-accel", "kvm", "-cpu", "max", "-nodefaults", "-no-user-config",
+            "-display", "none", "-m", "32", "-serial", "none", "-monitor", "none", "-no-reboot"]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=probe_seconds, check=False)
     except subprocess.TimeoutExpired as timeout:

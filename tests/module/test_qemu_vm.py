@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,3 +120,33 @@ def test_valid_input_without_systemd_stops_before_any_change(node: tuple[Netns, 
     result = run_module("qemu_vm", vm_args(tmp_path), netns=ns.name)
     assert result.get("failed") and "needs systemd as PID 1" in result["msg"], result
     assert_nothing_changed(ns, tmp_path)
+
+
+def test_qmp_client_drives_a_real_qemu(tmp_path: pathlib.Path) -> None:
+    """The module's QMP calls against QEMU itself (TCG, firmware only): status, pause and resume,
+    and a powerdown nothing answers (no guest OS) ends as not graceful within the timeout."""
+    from library.qemu_vm import Qmp, qemu_status
+
+    socket = tmp_path / "qmp.sock"
+    qemu_proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-nodefaults",
+                                  "-no-user-config", "-display", "none", "-m", "64",
+                                  "-qmp", f"unix:{socket},server=on,wait=off"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):  # QEMU listens on the socket within a moment of starting
+            if qemu_status(str(socket)) is not None:
+                break
+            assert qemu_proc.poll() is None, qemu_proc.stderr.read() if qemu_proc.stderr else ""
+            time.sleep(0.2)
+        client = Qmp(str(socket))
+        assert client.status() == "running"
+        client.command("stop")
+        assert client.status() == "paused"
+        client.command("cont")
+        assert client.status() == "running"
+        assert client.powerdown(2.0) is False
+        assert qemu_proc.poll() is None
+    finally:
+        qemu_proc.kill()
+        qemu_proc.wait()
+    assert qemu_status(str(socket)) is None
