@@ -324,6 +324,7 @@ REQUIRED_IF = [("state", "running", ("base_image",)), ("state", "stopped", ("bas
 SEED_FILES = ("meta-data", "user-data", "network-config")
 CRASHED = ("internal-error", "guest-panicked", "shutdown", "io-error")
 KVM_SETTLE_SECONDS = 5.0
+DOCKER_SOCKET = "/var/run/docker.sock"
 
 
 class QmpError(RuntimeError):
@@ -504,7 +505,8 @@ class VmManager:
             if not gateways:
                 raise InputError("bridge", self.spec.bridge, "has no IPv4 address (the runner's gateway)")
             addressing = addressing_from_bridge(gateways[0])
-            allocator = OverlayAllocator(self.module, addressing, nl=nl, bridge=self.spec.bridge)
+            allocator = OverlayAllocator(self.module, addressing, nl=nl, docker_client=docker_api(),
+                                         bridge=self.spec.bridge)
             with allocator.locked():
                 prefer = self.record.get("address")
                 address = allocator.reserve(
@@ -789,6 +791,17 @@ class VmManager:
         self.result.update(accel="tcg", accel_reason=why)
         run_command(["systemctl", "start", self.spec.unit])
         self.wait_for_qmp()
+
+
+def docker_api() -> Any:
+    """The runner's Docker engine (its containers hold overlay addresses too), when it has one."""
+    if not os.path.exists(DOCKER_SOCKET):
+        return None
+    try:
+        import docker
+    except ImportError:
+        return None
+    return docker.APIClient(base_url=f"unix://{DOCKER_SOCKET}")
 
 
 def qemu_status(path: str) -> str | None:
