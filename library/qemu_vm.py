@@ -707,7 +707,8 @@ class VmManager:
                 systemd_util.daemon_reload()
 
             self.plan.add(f"unit {self.spec.unit}", "delete", self.unit_text, None, remove_unit)
-        if self.snapshot.link(self.spec.tap) is not None and self.unit_text is not None:
+        # A running VM's TAP goes with its unit (ExecStopPost); one left behind by a crash is deleted.
+        if self.snapshot.link(self.spec.tap) is not None and self.unit_text is not None and not self.active:
             self.plan.add(
                 f"tap {self.spec.tap}", "delete", self.spec.tap, None, lambda: nl.delete_link(self.spec.tap)
             )
