@@ -115,12 +115,13 @@ def check_cni_conflist(tmp_path: pathlib.Path) -> None:
 def check_vm_unit(tmp_path: pathlib.Path) -> None:
     from ansible.module_utils.netloom import qemu
 
+    images = "/var/lib/netloom/images"
     spec = qemu.parse_spec({"name": "web1", "memory_mb": 512, "vcpus": 1, "mtu": 1450,
-                            "kernel": "/var/lib/netloom/images/vmlinuz", "initrd": "/var/lib/netloom/images/initrd.img",
+                            "kernel": f"{images}/vmlinuz", "initrd": f"{images}/initrd.img",
                             "kernel_append": "root=/dev/vda rw console=ttyS0",
                             "shares": [{"tag": "data", "source": "/srv/data"}]})
-    text = qemu.fill_slots(render_file(template_path("systemd/netloom-vm.service.j2"), qemu.unit_variables(spec)),
-                           accel="tcg")
+    unit_text = render_file(template_path("systemd/netloom-vm.service.j2"), qemu.unit_variables(spec))
+    text = qemu.fill_slots(unit_text, accel="tcg")
     unit = tmp_path / spec.unit
     unit.write_text(text)
     verify_units(tmp_path, unit.name, [unit])
