@@ -33,8 +33,15 @@ description:
     VM is resumed (C(cont)); one in C(internal-error), C(guest-panicked) or C(shutdown) is restarted.
     A change of the unit, disk or seed of a running VM restarts it (graceful stop first).
   - Stop (C(state=stopped) or C(absent), or a restart) sends C(system_powerdown), waits for QEMU's
-    C(SHUTDOWN) event up to I(stop_timeout) seconds, and only then stops the unit (SIGTERM, QEMU
-    ends at once). The result's I(stop) says C(powerdown) or C(killed).
+    C(SHUTDOWN) event up to I(stop_timeout) seconds, and only then kills QEMU and stops the unit.
+    The result's I(stop) says C(powerdown) or C(killed). The unit stops the same way on its own
+    (C(systemctl stop), node shutdown): its C(ExecStop) runs /var/lib/netloom/vms/vmstop.py (the
+    same code, written there by the module; standard library and C(qemu.qmp) only), with
+    C(TimeoutStopSec) = I(stop_timeout) + 30 s before systemd sends SIGTERM.
+  - QEMU runs under its seccomp filter (C(-sandbox on,obsolete=deny,elevateprivileges=deny,
+    spawn=deny,resourcecontrol=deny)); the unit creates the TAP before QEMU starts, so QEMU needs
+    no privileged helper. 9p shares use C(security_model=mapped-xattr): the guest's owners and
+    modes (setuid bits too) are kept in extended attributes, never applied to the host files.
   - "I(accel=auto) uses KVM only when a KVM guest really runs: /dev/kvm must open and a probe guest
     must run without C(KVM internal error) (what nested KVM on the test machines gives); otherwise
     TCG, and I(accel_reason) says why. A VM started under KVM that stops with an internal error is
@@ -100,6 +107,12 @@ options:
       from which the workload range is derived.
     type: str
     default: kohaku-overlay
+  subnet:
+    description:
+      - The runner's overlay subnet (e.g. 10.1.0.0/16), as overlay_address takes it. Checked against
+        the bridge; lets check mode plan the VM (and the address it would take) on a runner whose
+        bridge does not exist yet. A real run still needs the bridge.
+    type: str
   mtu:
     description: MTU of the TAP and of the guest's NIC (the overlay's 1450 under VXLAN).
     type: int
@@ -249,6 +262,7 @@ changes:
   elements: str
 """
 
+import inspect
 import io
 import ipaddress
 import json
@@ -258,28 +272,19 @@ import time
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.netloom import qemu
+from ansible.module_utils.netloom import qemu, vmstop
 from ansible.module_utils.netloom import systemd as systemd_util
-from ansible.module_utils.netloom.allocator import OverlayAllocator, addressing_from_bridge
+from ansible.module_utils.netloom.allocator import DEFAULT_NETWORK, open_runner_allocator
 from ansible.module_utils.netloom.common import (
     ChangePlan,
     InputError,
     finish,
     guarded,
-    int_range,
     ipv4_address,
     run_command,
 )
 from ansible.module_utils.netloom.files import read_text, write_file
 from ansible.module_utils.netloom.netlink import Netlink, missing_pyroute2
-
-try:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-    QMP_IMPORT_ERROR = None
-except ImportError as err:  # reported by the module when QMP is needed
-    QEMUMonitorProtocol = None
-    QMP_IMPORT_ERROR = str(err)
 
 ARGUMENT_SPEC: dict[str, Any] = {
     "name": {"type": "str", "required": True},
@@ -293,6 +298,7 @@ ARGUMENT_SPEC: dict[str, Any] = {
     "initrd": {"type": "path"},
     "kernel_append": {"type": "str"},
     "bridge": {"type": "str", "default": qemu.OVERLAY_BRIDGE},
+    "subnet": {"type": "str"},
     "mtu": {"type": "int", "default": 1450},
     "address": {"type": "str"},
     "mac": {"type": "str"},
@@ -340,10 +346,7 @@ class Qmp:
         self.timeout = timeout
 
     def _connect(self) -> Any:
-        client = QEMUMonitorProtocol(self.path)
-        client.settimeout(self.timeout)
-        client.connect(negotiate=True)
-        return client
+        return vmstop.connect(self.path, self.timeout)
 
     def status(self) -> str | None:
         """query-status's status, None when nothing answers on the socket."""
@@ -368,19 +371,10 @@ class Qmp:
             client.close()
 
     def powerdown(self, timeout: float) -> bool:
-        """system_powerdown, then wait for the SHUTDOWN event; whether it came in time."""
+        """system_powerdown, then wait for the SHUTDOWN event (vmstop, as the unit's ExecStop)."""
         client = self._connect()
         try:
-            client.cmd("system_powerdown")
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                try:
-                    event = client.pull_event(wait=float(max(0.1, deadline - time.monotonic())))
-                except Exception:  # asyncio.TimeoutError, or EOF when QEMU already left: no event in time
-                    return False
-                if event and event.get("event") == "SHUTDOWN":
-                    return True
-            return False
+            return vmstop.powerdown(client, timeout)
         finally:
             client.close()
 
@@ -406,7 +400,6 @@ class VmManager:
             return
         self.users = qemu.parse_users("users", params["users"])
         self.dns = [str(ipv4_address(f"dns[{index}]", value)) for index, value in enumerate(params["dns"])]
-        int_range("stop_timeout", params["stop_timeout"], 1, 3600)
         self.base = self.check_base_image(params["base_image"])
         self.disk_size = qemu.size_bytes("disk_size", params["disk_size"]) if params["disk_size"] else None
         for path_field in ("kernel", "initrd"):
@@ -426,9 +419,9 @@ class VmManager:
                 f"lacks {missing}: run the task through netloom's "
                 "qemu_vm action plugin (action_plugins in ansible.cfg)",
             )
-        if QEMUMonitorProtocol is None:
+        if vmstop.QEMUMonitorProtocol is None:
             self.module.fail_json(
-                msg=f"the Python library qemu.qmp is missing on this node ({QMP_IMPORT_ERROR}); "
+                msg="the Python library qemu.qmp is missing on this node; "
                 "it is not in Debian 12: the runner_vms role installs it from the wheel "
                 "the controller downloaded"
             )
@@ -493,21 +486,11 @@ class VmManager:
             if self.params["state"] == "absent":
                 self.plan_absent(nl)
                 return
-            bridge = self.snapshot.link(self.spec.bridge)
-            if bridge is None:
-                raise InputError(
-                    "bridge", self.spec.bridge, "no such bridge on this node (converge the runner first)"
-                )
-            gateways = [
-                interface
-                for interface in self.snapshot.addresses_of(self.spec.bridge)
-                if interface.version == 4
-            ]
-            if not gateways:
-                raise InputError("bridge", self.spec.bridge, "has no IPv4 address (the runner's gateway)")
-            addressing = addressing_from_bridge(gateways[0])
-            allocator = OverlayAllocator(self.module, addressing, nl=nl, docker_client=docker_api(),
-                                         bridge=self.spec.bridge)
+            # From the live bridge; on a runner not converged yet, check mode plans with `subnet`.
+            allocator = open_runner_allocator(self.module, nl, docker_api(), self.spec.bridge,
+                                              DEFAULT_NETWORK, subnet=self.params["subnet"])
+            assert allocator is not None  # required=True: an InputError instead of None
+            addressing = allocator.addressing
             with allocator.locked():
                 prefer = self.record.get("address")
                 address = allocator.reserve(
@@ -579,6 +562,7 @@ class VmManager:
             )
             restart_needed = True
         restart_needed |= self.plan_disk()
+        self.plan_stop_helper()
         if self.unit_text != unit_text:
 
             def install_unit() -> None:
@@ -597,6 +581,15 @@ class VmManager:
             self.plan_running(restart_needed)
         else:
             self.plan_stopped()
+
+    def plan_stop_helper(self) -> None:
+        """The units' ExecStop (shared by the node's VMs): vmstop.py, written as this module has it."""
+        path = qemu.stop_helper_path()
+        text = inspect.getsource(vmstop)
+        current = read_text(path)
+        if current != text:
+            self.plan.add(f"file {path}", "update" if current else "create", current, text,
+                          lambda: write_file(self.module, path, text, mode=0o644, dir_mode=0o700))
 
     def plan_disk(self) -> bool:
         """Create the overlay, or grow it; whether the running VM must restart to see it."""
@@ -721,14 +714,15 @@ class VmManager:
                 None,
                 lambda: shutil.rmtree(self.paths.state_dir),
             )
+        helper = qemu.stop_helper_path()
+        if os.path.isfile(helper) and not qemu.other_records(self.spec.name):
+            self.plan.add(f"file {helper}", "delete", helper, None, lambda: os.unlink(helper))
         self.result.update(status="absent", released_address=None)
-        bridge_addresses = [i for i in self.snapshot.addresses_of(self.spec.bridge) if i.version == 4]
-        if not bridge_addresses:  # no overlay here: no allocator book to release from
+        allocator = open_runner_allocator(self.module, nl, None, self.spec.bridge, DEFAULT_NETWORK,
+                                          required=False)
+        if allocator is None:  # no overlay here: no allocator book to release from
             finish(self.module, self.plan, describe=self.late_result, **self.result)
             return
-        allocator = OverlayAllocator(
-            self.module, addressing_from_bridge(bridge_addresses[0]), nl=nl, bridge=self.spec.bridge
-        )
         with allocator.locked():
             released = allocator.release(self.plan, f"vm-{self.spec.name}")
             self.result["released_address"] = str(released) if released else None
@@ -753,6 +747,8 @@ class VmManager:
                 graceful = Qmp(self.paths.qmp).powerdown(self.params["stop_timeout"])
             except Exception:  # QEMU went away mid-exchange: the unit stop below settles it
                 graceful = False
+        if not graceful:  # the unit's ExecStop would wait for a powerdown again: kill QEMU first
+            run_command(["systemctl", "kill", "--signal=SIGKILL", self.spec.unit], check=False)
         run_command(["systemctl", "stop", self.spec.unit])
         self.result["stop"] = "powerdown" if graceful else "killed"
 

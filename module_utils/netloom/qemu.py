@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ansible.module_utils.netloom.common import IFNAME_MAX, InputError, int_range
+from ansible.module_utils.netloom.common import IFNAME_MAX, InputError, ifname, int_range
 
 STATE_DIR = "var/lib/netloom/vms"  # under the node's root: / (NETLOOM_STATE_ROOT in tests, as the allocator)
 RUN_ROOT = "/run/netloom/vms"
@@ -49,6 +49,15 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,31}")
 _PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+# A control character (newline above all) in a value written into the unit would end its ExecStart line.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+STOP_TIMEOUT = (1, 3600)
+# The unit's ExecStop: qemu_vm writes module_utils/netloom/vmstop.py here (stdlib + qemu.qmp only).
+STOP_HELPER = "vmstop.py"
+STOP_GRACE_SECONDS = 30  # TimeoutStopSec = stop_timeout + this: systemd kills only after the helper gave up
+# QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler
+# changes. The unit creates the TAP before QEMU starts, so QEMU needs none of them.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -89,6 +98,14 @@ def mac_address(field_name: str, value: Any) -> str:
         raise InputError(
             field_name, value, "a VM MAC is 52:54:00:xx:xx:xx (QEMU's locally administered prefix)"
         )
+    return text
+
+
+def plain_text(field_name: str, value: Any) -> str:
+    """A value that goes into the unit file verbatim: no control characters (no newline injection)."""
+    text = str(value)
+    if _CONTROL_RE.search(text):
+        raise InputError(field_name, value, "control characters (newline, tab, ...) are not allowed")
     return text
 
 
@@ -136,6 +153,7 @@ class VmSpec:
     append: str
     shares: tuple[Share, ...]
     vfio: tuple[str, ...]
+    stop_timeout: int
 
     @property
     def tap(self) -> str:
@@ -208,6 +226,7 @@ def parse_shares(field_name: str, value: Iterable[Mapping[str, Any]] | None) -> 
         source = entry.get("source")
         if not isinstance(source, str) or not os.path.isabs(source) or "," in source:
             raise InputError(f"{field_name}[{index}].source", source, "an absolute path without ','")
+        plain_text(f"{field_name}[{index}].source", source)
         shares.append(Share(tag, os.path.normpath(source), bool(entry.get("readonly", False))))
     return tuple(shares)
 
@@ -220,6 +239,8 @@ def parse_spec(params: Mapping[str, Any]) -> VmSpec:
     for key, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None and not os.path.isabs(str(path)):
             raise InputError(key, path, "an absolute path on the node")
+        if path is not None:
+            plain_text(key, path)
     if initrd and not kernel:
         raise InputError("initrd", initrd, "an initrd needs `kernel` (direct kernel boot)")
     mac = mac_address("mac", params["mac"]) if params.get("mac") else derived_mac(name)
@@ -228,15 +249,16 @@ def parse_spec(params: Mapping[str, Any]) -> VmSpec:
         memory_mb=int_range("memory_mb", params["memory_mb"], *MEMORY_MB),
         vcpus=int_range("vcpus", params["vcpus"], *VCPUS),
         mac=mac,
-        bridge=str(params.get("bridge") or OVERLAY_BRIDGE),
+        bridge=ifname("bridge", params.get("bridge") or OVERLAY_BRIDGE),
         mtu=int_range("mtu", params["mtu"], 576, 9000),
         kernel=str(kernel) if kernel else None,
         initrd=str(initrd) if initrd else None,
-        append=str(params.get("kernel_append") or ""),
+        append=plain_text("kernel_append", params.get("kernel_append") or ""),
         shares=parse_shares("shares", params.get("shares")),
         vfio=tuple(
             pci_address(f"vfio[{index}]", value) for index, value in enumerate(params.get("vfio") or [])
         ),
+        stop_timeout=int_range("stop_timeout", params.get("stop_timeout", 300), *STOP_TIMEOUT),
     )
 
 
@@ -277,6 +299,8 @@ def qemu_argv(spec: VmSpec, accel: str) -> list[str]:
         f"unix:{paths.qmp},server=on,wait=off",
         "-pidfile",
         paths.pidfile,
+        "-sandbox",
+        SANDBOX,
     ]
     if spec.kernel:
         argv += ["-kernel", spec.kernel]
@@ -287,7 +311,7 @@ def qemu_argv(spec: VmSpec, accel: str) -> list[str]:
         readonly = ",readonly=on" if share.readonly else ""
         argv += [
             "-fsdev",
-            f"local,id=fs{index},path={share.source},security_model=none{readonly}",
+            f"local,id=fs{index},path={share.source},security_model=mapped-xattr{readonly}",
             "-device",
             f"virtio-9p-pci,fsdev=fs{index},mount_tag={share.tag}",
         ]
@@ -313,7 +337,18 @@ def unit_variables(spec: VmSpec) -> dict[str, Any]:
         "mtu": spec.mtu,
         "run_dir": os.path.relpath(spec.paths.run_dir, "/run"),
         "exec_start": " ".join(systemd_quote(word) for word in qemu_argv(spec, ACCEL_SLOT)),
+        "exec_stop": " ".join(systemd_quote(word) for word in stop_argv(spec)),
+        "timeout_stop": spec.stop_timeout + STOP_GRACE_SECONDS,
     }
+
+
+def stop_helper_path() -> str:
+    return os.path.join(vms_root(), STOP_HELPER)
+
+
+def stop_argv(spec: VmSpec) -> list[str]:
+    """The unit's ExecStop: system_powerdown over QMP and wait up to stop_timeout (vmstop.py)."""
+    return ["/usr/bin/python3", "-I", stop_helper_path(), spec.paths.qmp, str(spec.stop_timeout)]
 
 
 # ---- the NoCloud seed ----

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -124,12 +125,16 @@ def test_valid_input_without_systemd_stops_before_any_change(node: tuple[Netns, 
 
 def test_qmp_client_drives_a_real_qemu(tmp_path: pathlib.Path) -> None:
     """The module's QMP calls against QEMU itself (TCG, firmware only): status, pause and resume,
-    and a powerdown nothing answers (no guest OS) ends as not graceful within the timeout."""
+    and a powerdown nothing answers (no guest OS) ends as not graceful within the timeout; the
+    unit's ExecStop helper (vmstop.py run as a file) says the same by its exit code, and exits 0
+    once QEMU is gone. QEMU runs under the unit's -sandbox filter."""
+    from ansible.module_utils.netloom import qemu, vmstop
+
     from library.qemu_vm import Qmp, qemu_status
 
     socket = tmp_path / "qmp.sock"
     qemu_proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-nodefaults",
-                                  "-no-user-config", "-display", "none", "-m", "64",
+                                  "-no-user-config", "-display", "none", "-m", "64", "-sandbox", qemu.SANDBOX,
                                   "-qmp", f"unix:{socket},server=on,wait=off"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -145,8 +150,14 @@ def test_qmp_client_drives_a_real_qemu(tmp_path: pathlib.Path) -> None:
         client.command("cont")
         assert client.status() == "running"
         assert client.powerdown(2.0) is False
+        helper = subprocess.run([sys.executable, "-I", vmstop.__file__, str(socket), "2"],
+                                capture_output=True, text=True, check=False)
+        assert helper.returncode == 1 and "no SHUTDOWN within 2 s" in helper.stderr, helper
         assert qemu_proc.poll() is None
     finally:
         qemu_proc.kill()
         qemu_proc.wait()
     assert qemu_status(str(socket)) is None
+    helper = subprocess.run([sys.executable, "-I", vmstop.__file__, str(socket), "2"],
+                            capture_output=True, text=True, check=False)
+    assert helper.returncode == 0 and "nothing to power down" in helper.stdout, helper

@@ -102,7 +102,8 @@ def test_command_line() -> None:
     assert "file=/var/lib/netloom/vms/web1/seed.iso,if=virtio,format=raw,readonly=on" in argv
     assert argv[argv.index("-kernel") + 1] == "/var/lib/netloom/images/vmlinuz"
     assert argv[argv.index("-append") + 1] == "root=/dev/vda rw console=ttyS0"
-    assert "local,id=fs0,path=/srv/data,security_model=none,readonly=on" in argv
+    assert "local,id=fs0,path=/srv/data,security_model=mapped-xattr,readonly=on" in argv
+    assert argv[argv.index("-sandbox") + 1] == qemu.SANDBOX
     assert "virtio-9p-pci,fsdev=fs0,mount_tag=data" in argv
     assert "-monitor" not in argv and "vfio" not in joined
 
@@ -123,6 +124,33 @@ def test_unit_exec_start_quotes_words_for_systemd() -> None:
     text = qemu.unit_variables(spec)["exec_start"]
     assert '-append "root=/dev/vda rw console=ttyS0 quiet"' in text
     assert f"-accel {qemu.ACCEL_SLOT} " in text
+
+
+def test_unit_stops_the_guest_over_qmp_within_stop_timeout() -> None:
+    variables = qemu.unit_variables(qemu.parse_spec(params(stop_timeout=120)))
+    assert variables["exec_stop"] == ("/usr/bin/python3 -I /var/lib/netloom/vms/vmstop.py "
+                                      "/run/netloom/vms/web1/qmp.sock 120")
+    assert variables["timeout_stop"] == 120 + qemu.STOP_GRACE_SECONDS
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("kernel_append", "console=ttyS0\nExecStartPre=/bin/sh -c id"),
+    ("kernel_append", "quiet\rx"),
+    ("kernel", "/boot/vmlinuz\n"),
+    ("bridge", "br\nx"),
+    ("bridge", "a-bridge-name-too-long"),
+    ("stop_timeout", 0),
+])
+def test_values_written_into_the_unit_are_refused_with_control_characters(field: str, value: object) -> None:
+    with pytest.raises(InputError) as caught:
+        qemu.parse_spec(params(**{field: value}))
+    assert caught.value.field_name == field
+
+
+def test_a_share_source_with_a_newline_is_refused() -> None:
+    with pytest.raises(InputError) as caught:
+        qemu.parse_shares("shares", [{"tag": "data", "source": "/srv/da\nta"}])
+    assert caught.value.field_name == "shares[0].source"
 
 
 def rendered_seed(**overrides: object) -> dict[str, str]:
