@@ -109,6 +109,14 @@ else
   say "venv: requirements.txt unchanged since the last install"
 fi
 
+# Wheels the runner_vms role copies to nodes that have no registry (qemu.qmp, not in Debian 12):
+# into the controller's cache now, checked against their pinned hashes, so a converge (molecule
+# vms) needs no PyPI. pip verifies a file already in the cache and downloads only what is missing.
+wheels=${HOME:?}/.cache/netloom/wheels
+say "node wheels into $wheels"
+"$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  --require-hashes --dest "$wheels" -r roles/runner_vms/files/node-wheels.txt
+
 # The lab node image: built once per recipe (lab/image/), a few minutes the first time.
 say "lab node image"
 "$venv/bin/python" lab/netloom_lab.py image
