@@ -35,8 +35,9 @@ description:
   - Stop (C(state=stopped) or C(absent), or a restart) sends C(system_powerdown), waits for QEMU's
     C(SHUTDOWN) event up to I(stop_timeout) seconds, and only then kills QEMU and stops the unit.
     The result's I(stop) says C(powerdown) or C(killed). The unit stops the same way on its own
-    (C(systemctl stop), node shutdown), through its C(ExecStop), which runs /var/lib/netloom/vms/vmstop.py (the
-    same code, written there by the module; standard library and C(qemu.qmp) only), with
+    (C(systemctl stop), node shutdown), through its C(ExecStop), which runs
+    /var/lib/netloom/vms/vmstop.py (the same code, written there by the module; standard library
+    and C(qemu.qmp) only), with
     C(TimeoutStopSec) = I(stop_timeout) + 30 s before systemd sends SIGTERM.
   - QEMU runs under its seccomp filter (C(-sandbox on,obsolete=deny,elevateprivileges=deny,
     spawn=deny,resourcecontrol=deny)); the unit creates the TAP before QEMU starts, so QEMU needs
