@@ -420,12 +420,6 @@ class VmManager:
                 f"lacks {missing}: run the task through netloom's "
                 "qemu_vm action plugin (action_plugins in ansible.cfg)",
             )
-        if vmstop.QEMUMonitorProtocol is None:
-            self.module.fail_json(
-                msg="the Python library qemu.qmp is missing on this node; "
-                "it is not in Debian 12: the runner_vms role installs it from the wheel "
-                "the controller downloaded"
-            )
 
     def check_base_image(self, path: str) -> dict[str, Any]:
         if not os.path.isfile(path):
@@ -444,6 +438,15 @@ class VmManager:
         self.record: dict[str, Any] = json.loads(record_text) if record_text else {}
         self.unit_text = read_text(self.paths.unit_file)
         self.active = systemd_util.booted() and self.unit_text is not None and self.unit.is_active()
+        # Check mode on a runner the role has not prepared yet plans without QMP (no VM runs there);
+        # absent needs none (a VM it cannot power down is killed).
+        if vmstop.QEMUMonitorProtocol is None and self.params["state"] != "absent" \
+                and (self.active or not self.module.check_mode):
+            self.module.fail_json(
+                msg="the Python library qemu.qmp is missing on this node; "
+                "it is not in Debian 12: the runner_vms role installs it from the wheel "
+                "the controller downloaded"
+            )
         self.enabled = self.unit_text is not None and self.unit.is_enabled()
         self.status = qemu_status(self.paths.qmp) if self.active else None
         if self.params["state"] == "absent":
