@@ -493,7 +493,8 @@ class VmManager:
             # From the live bridge; on a runner not converged yet, check mode plans with `subnet`.
             allocator = open_runner_allocator(self.module, nl, docker_api(), self.spec.bridge,
                                               DEFAULT_NETWORK, subnet=self.params["subnet"])
-            assert allocator is not None  # required=True: an InputError instead of None
+            if allocator is None:  # required=True raises instead; kept for the type (as overlay_address)
+                raise InputError("bridge", self.spec.bridge, "has no IPv4 address")
             addressing = allocator.addressing
             with allocator.locked():
                 prefer = self.record.get("address")
