@@ -124,8 +124,7 @@ def finish(module: Any, plan: ChangePlan, describe: Callable[[], dict[str, Any]]
 
     A step that fails ends the run with fail_json that still says what was changed: `changed`
     is true when any step before it was done, `changes` lists those steps and `failed_step`
-    names the one that failed, so an operator knows what the node now holds. `late` returns
-    results only the executed steps know (e.g. how a VM stopped); it is called after them.
+    names the one that failed, so an operator knows what the node now holds.
     """
     if not module.check_mode:
         try:
