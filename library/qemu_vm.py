@@ -491,8 +491,13 @@ class VmManager:
                 self.plan_absent(nl)
                 return
             # From the live bridge; on a runner not converged yet, check mode plans with `subnet`.
-            allocator = open_runner_allocator(self.module, nl, docker_api(), self.spec.bridge,
-                                              DEFAULT_NETWORK, subnet=self.params["subnet"])
+            try:
+                allocator = open_runner_allocator(self.module, nl, docker_api(), self.spec.bridge,
+                                                  DEFAULT_NETWORK, subnet=self.params["subnet"])
+            except InputError as err:  # the allocator names the bridge overlay_bridge; here it is `bridge`
+                if err.field_name != "overlay_bridge":
+                    raise
+                raise InputError("bridge", self.spec.bridge, str(err).split(": ", 1)[1]) from None
             if allocator is None:  # required=True raises instead; kept for the type (as overlay_address)
                 raise InputError("bridge", self.spec.bridge, "has no IPv4 address")
             addressing = allocator.addressing

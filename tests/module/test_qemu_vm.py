@@ -127,7 +127,7 @@ def test_check_mode_on_a_runner_without_its_bridge_plans_with_subnet(
         node: tuple[Netns, pathlib.Path]) -> None:
     """Never converged: no overlay bridge yet. Check mode with `subnet` gets past the allocator (it
     stops at the systemd check here, with nothing changed); without it, or in a real run, the
-    missing bridge is the error."""
+    missing bridge is the error, naming qemu_vm's field `bridge`."""
     if os.path.isdir("/run/systemd/system"):
         pytest.skip("platform limit: this machine runs systemd; the molecule scenario vms runs the VM")
     ns, tmp_path = node
@@ -136,7 +136,8 @@ def test_check_mode_on_a_runner_without_its_bridge_plans_with_subnet(
     assert planned.get("failed") and "needs systemd as PID 1" in planned["msg"], planned
     for check_mode, extra in ((True, {}), (False, {"subnet": "10.1.0.0/16"})):
         result = run_module("qemu_vm", vm_args(tmp_path, **extra), netns=ns.name, check_mode=check_mode)
-        assert result.get("failed") and "overlay_bridge='kohaku-overlay'" in result["msg"], result
+        assert result.get("failed") and result["field"] == "bridge", result
+        assert "bridge='kohaku-overlay': has no IPv4 address" in result["msg"], result
     assert_nothing_changed(ns, tmp_path)
 
 
