@@ -103,21 +103,33 @@ options:
   kernel_append:
     description: Kernel command line with I(kernel); default C(root=/dev/vda rw console=ttyS0).
     type: str
-  bridge:
-    description: The bridge the VM's TAP joins; its address is the runner's gateway (10.N.0.1/16),
-      from which the workload range is derived.
+  network:
+    description:
+      - C(overlay) (KohakuRiver's VM mode) puts the VM on the runner's overlay bridge, with an
+        address from the runner's overlay allocator; other runners' containers and VMs reach it.
+      - C(nat) (standard mode) puts it on the NAT bridge C(netloom-vmnat) that C(vm_nat_network)
+        converges (10.200.0.1/24 by default, MASQUERADE in a chain netloom owns), with an address
+        from that bridge's own book on the runner (C(/var/lib/netloom/addresses-BRIDGE.json)).
+        Run C(vm_nat_network) first; the C(runner_vms) role does.
     type: str
-    default: kohaku-overlay
+    choices: [overlay, nat]
+    default: overlay
+  bridge:
+    description: The bridge the VM's TAP joins; its address is the VMs' gateway (10.N.0.1/16 on the
+      overlay), from which the workload range is derived. Default C(kohaku-overlay), or
+      C(netloom-vmnat) with C(network=nat).
+    type: str
   subnet:
     description:
-      - The runner's overlay subnet (e.g. 10.1.0.0/16), as overlay_address takes it. Checked against
-        the bridge; lets check mode plan the VM (and the address it would take) on a runner whose
-        bridge does not exist yet. A real run still needs the bridge.
+      - The bridge's subnet (the runner's overlay subnet, e.g. 10.1.0.0/16, as overlay_address takes
+        it; or the NAT subnet). Checked against the bridge; lets check mode plan the VM (and the
+        address it would take) on a runner whose bridge does not exist yet. A real run still needs
+        the bridge.
     type: str
   mtu:
-    description: MTU of the TAP and of the guest's NIC (the overlay's 1450 under VXLAN).
+    description: MTU of the TAP and of the guest's NIC; default 1450 on the overlay (VXLAN's
+      overhead) and 1500 with C(network=nat).
     type: int
-    default: 1450
   address:
     description: A fixed overlay address for the VM (in the runner's workload range and free);
       default the allocator's choice, kept for the VM's life.
@@ -298,9 +310,10 @@ ARGUMENT_SPEC: dict[str, Any] = {
     "kernel": {"type": "path"},
     "initrd": {"type": "path"},
     "kernel_append": {"type": "str"},
-    "bridge": {"type": "str", "default": qemu.OVERLAY_BRIDGE},
+    "network": {"type": "str", "choices": list(qemu.NETWORKS), "default": "overlay"},
+    "bridge": {"type": "str"},
     "subnet": {"type": "str"},
-    "mtu": {"type": "int", "default": 1450},
+    "mtu": {"type": "int"},
     "address": {"type": "str"},
     "mac": {"type": "str"},
     "users": {
@@ -491,13 +504,17 @@ class VmManager:
                 self.plan_absent(nl)
                 return
             # From the live bridge; on a runner not converged yet, check mode plans with `subnet`.
+            nat = self.params["network"] == "nat"
+            docker_client = None if nat else docker_api()  # no Docker network holds NAT addresses
             try:
-                allocator = open_runner_allocator(self.module, nl, docker_api(), self.spec.bridge,
+                allocator = open_runner_allocator(self.module, nl, docker_client, self.spec.bridge,
                                                   DEFAULT_NETWORK, subnet=self.params["subnet"])
             except InputError as err:  # the allocator names the bridge overlay_bridge; here it is `bridge`
                 if err.field_name != "overlay_bridge":
                     raise
-                raise InputError("bridge", self.spec.bridge, str(err).split(": ", 1)[1]) from None
+                why = "has no IPv4 address on this runner (converge vm_nat_network first)" if nat \
+                    else str(err).split(": ", 1)[1]
+                raise InputError("bridge", self.spec.bridge, why) from None
             if allocator is None:  # required=True raises instead; kept for the type (as overlay_address)
                 raise InputError("bridge", self.spec.bridge, "has no IPv4 address")
             addressing = allocator.addressing
@@ -540,6 +557,7 @@ class VmManager:
             "name": self.spec.name,
             "tap": self.spec.tap,
             "mac": self.spec.mac,
+            "bridge": self.spec.bridge,
             "address": f"{address}/{prefix}",
             "accel": accel,
             "accel_reason": why,
@@ -728,8 +746,9 @@ class VmManager:
         if os.path.isfile(helper) and not qemu.other_records(self.spec.name):
             self.plan.add(f"file {helper}", "delete", helper, None, lambda: os.unlink(helper))
         self.result.update(status="absent", released_address=None)
-        allocator = open_runner_allocator(self.module, nl, None, self.spec.bridge, DEFAULT_NETWORK,
-                                          required=False)
+        # The book of the bridge the VM was created on (its record says; `bridge` when none is left).
+        bridge = self.record.get("bridge") or self.spec.bridge
+        allocator = open_runner_allocator(self.module, nl, None, bridge, DEFAULT_NETWORK, required=False)
         if allocator is None:  # no overlay here: no allocator book to release from
             finish(self.module, self.plan, describe=self.late_result, **self.result)
             return

@@ -32,6 +32,10 @@ RUN_ROOT = "/run/netloom/vms"
 UNIT_PREFIX = "netloom-vm-"
 TAP_PREFIX = "nlvm-"
 OVERLAY_BRIDGE = "kohaku-overlay"
+NAT_BRIDGE = "netloom-vmnat"  # standard mode: vm_nat_network's bridge (10.200.0.1/24, MASQUERADE)
+NETWORKS = ("overlay", "nat")
+# The TAP's MTU by network: the overlay's VXLAN leaves 1450 of the underlay's 1500.
+DEFAULT_MTU = {"overlay": 1450, "nat": 1500}
 MAC_PREFIX = "52:54:00"
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
 QEMU_IMG = "/usr/bin/qemu-img"
@@ -231,6 +235,11 @@ def parse_shares(field_name: str, value: Iterable[Mapping[str, Any]] | None) -> 
     return tuple(shares)
 
 
+def default_bridge(network: str) -> str:
+    """The runner's overlay bridge, or in standard mode vm_nat_network's NAT bridge."""
+    return NAT_BRIDGE if network == "nat" else OVERLAY_BRIDGE
+
+
 def parse_spec(params: Mapping[str, Any]) -> VmSpec:
     """The pure validation of the options (no node access): same on controller and node."""
     name = vm_name("name", params["name"])
@@ -244,13 +253,16 @@ def parse_spec(params: Mapping[str, Any]) -> VmSpec:
     if initrd and not kernel:
         raise InputError("initrd", initrd, "an initrd needs `kernel` (direct kernel boot)")
     mac = mac_address("mac", params["mac"]) if params.get("mac") else derived_mac(name)
+    network = params.get("network") or "overlay"
+    if network not in NETWORKS:
+        raise InputError("network", network, f"must be one of {', '.join(NETWORKS)}")
     return VmSpec(
         name=name,
         memory_mb=int_range("memory_mb", params["memory_mb"], *MEMORY_MB),
         vcpus=int_range("vcpus", params["vcpus"], *VCPUS),
         mac=mac,
-        bridge=ifname("bridge", params.get("bridge") or OVERLAY_BRIDGE),
-        mtu=int_range("mtu", params["mtu"], 576, 9000),
+        bridge=ifname("bridge", params.get("bridge") or default_bridge(network)),
+        mtu=int_range("mtu", params.get("mtu") or DEFAULT_MTU[network], 576, 9000),
         kernel=str(kernel) if kernel else None,
         initrd=str(initrd) if initrd else None,
         append=plain_text("kernel_append", params.get("kernel_append") or ""),

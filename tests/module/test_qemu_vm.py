@@ -141,6 +141,24 @@ def test_check_mode_on_a_runner_without_its_bridge_plans_with_subnet(
     assert_nothing_changed(ns, tmp_path)
 
 
+def test_standard_mode_takes_the_nat_bridge_and_its_own_book(node: tuple[Netns, pathlib.Path]) -> None:
+    """network=nat: the TAP goes on vm_nat_network's bridge, the address comes from that bridge's
+    subnet (an overlay address is refused), and without the bridge the error names the module
+    that makes it."""
+    ns, tmp_path = node
+    missing = run_module("qemu_vm", vm_args(tmp_path, network="nat"), netns=ns.name)
+    assert missing.get("failed") and missing["field"] == "bridge", missing
+    assert "netloom-vmnat" in missing["msg"] and "vm_nat_network" in missing["msg"], missing
+    ns.sh("ip link add netloom-vmnat type bridge && ip addr add 10.200.0.1/24 dev netloom-vmnat"
+          " && ip link set netloom-vmnat up")
+    overlay_address = run_module("qemu_vm", vm_args(tmp_path, network="nat", address="10.1.0.5"),
+                                 netns=ns.name)
+    assert overlay_address.get("failed") and overlay_address["field"] == "address", overlay_address
+    assert "10.200.0.2..10.200.0.254" in overlay_address["msg"], overlay_address
+    ns.sh("ip link delete netloom-vmnat")
+    assert_nothing_changed(ns, tmp_path)
+
+
 def test_qmp_client_drives_a_real_qemu(tmp_path: pathlib.Path) -> None:
     """The module's QMP calls against QEMU itself (TCG, firmware only): status, pause and resume,
     and a powerdown nothing answers (no guest OS) ends as not graceful within the timeout; the
