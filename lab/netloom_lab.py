@@ -3,6 +3,7 @@
 
     netloom_lab.py image                      build the node image (once per recipe)
     netloom_lab.py workload-image NAME        build lab/workload_images/NAME (once per recipe)
+    netloom_lab.py guest                      build the test VM guest (once per recipe)
     netloom_lab.py up --topology FILE         create/repair the lab, write its inventory
     netloom_lab.py restart --topology FILE --node NAME ...   reboot nodes (systemd shutdown and boot)
     netloom_lab.py down --topology FILE       remove everything the lab made
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import guest_image
 import lab_docker  # the lab's modules live next to this script
 import lab_image
 import lab_topology
@@ -35,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     workload = commands.add_parser("workload-image", help="build a workload image from "
                                    "lab/workload_images/NAME unless the engine has the current one")
     workload.add_argument("name", help=f"recipe name ({', '.join(lab_image.workload_names())})")
+    commands.add_parser("guest", help="build the test VM guest (qcow2, kernel, initrd) unless cached")
     up = commands.add_parser("up", help="bring a lab up (idempotent) and write its Ansible inventory")
     up.add_argument("--topology", type=Path, required=True, help="lab topology YAML (lab/topologies/*.yml)")
     up.add_argument("--inventory-file", type=Path, default=lab_docker.DEFAULT_INVENTORY,
@@ -61,6 +64,10 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         topology = lab_topology.load(args.topology) if getattr(args, "topology", None) else None
+        if args.command == "guest":
+            guest = guest_image.ensure_guest(lab_docker.STATE_DIR, say)
+            say(f"guest: {guest.directory}")
+            return 0
         client = lab_docker.connect()
         if args.command == "image":
             tag = lab_image.ensure_image(client, lab_docker.STATE_DIR, say)

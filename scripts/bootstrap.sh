@@ -15,9 +15,10 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 # kernel networking tools, ssh to the lab nodes, the venv, and the services the module
 # tests run in network namespaces; systemd for systemd-analyze (the unit templates' check).
 # graphviz (`dot`) draws playbooks/topology.yml's picture, with a font for its PNG.
+# QEMU, qemu-img and mkfs.ext4 -d for the qemu_vm tests and their guest disk (pycdlib: pip).
 packages=(docker.io debootstrap iproute2 iptables busybox-static openssh-client python3-venv
           wireguard-tools wireguard-go haproxy nginx iperf3 curl iputils-ping procps openssl systemd
-          graphviz fonts-dejavu-core)
+          graphviz fonts-dejavu-core qemu-system-x86 qemu-utils e2fsprogs)
 
 missing=()
 for package in "${packages[@]}"; do
@@ -108,7 +109,18 @@ else
   say "venv: requirements.txt unchanged since the last install"
 fi
 
+# Wheels the runner_vms role copies to nodes that have no registry (qemu.qmp, not in Debian 12):
+# into the controller's cache now, checked against their pinned hashes, so a converge (molecule
+# vms) needs no PyPI. pip verifies a file already in the cache and downloads only what is missing.
+wheels=${HOME:?}/.cache/netloom/wheels
+say "node wheels into $wheels"
+"$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  --require-hashes --dest "$wheels" -r roles/runner_vms/files/node-wheels.txt
+
 # The lab node image: built once per recipe (lab/image/), a few minutes the first time.
 say "lab node image"
 "$venv/bin/python" lab/netloom_lab.py image
+# The test VM guest (qemu_vm): Debian with cloud-init and a kernel, once per recipe (lab/guest/).
+say "VM test guest"
+"$venv/bin/python" lab/netloom_lab.py guest
 say "done"

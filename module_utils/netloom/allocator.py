@@ -4,7 +4,9 @@ The reference system had three allocators (hub, Docker IPAM, VMs) that ignored e
 kept their reservations in memory. Here every workload address of runner N's subnet comes from
 this one book, kept on the runner itself, so it survives runs, reboots and a new controller.
 
-Where it lives: `<root>/var/lib/netloom/overlay-addresses.json` (0600 in a 0700 folder, written
+Where it lives: `<root>/var/lib/netloom/overlay-addresses.json` for the overlay bridge, and
+`addresses-<bridge>.json` beside it for any other bridge (the standard-mode VMs' NAT bridge)
+(0600 in a 0700 folder, written
 atomically through files.write_file); `<root>` is / on a node and NETLOOM_STATE_ROOT in tests
 (as NETLOOM_PERSIST_ROOT for persist.py). Runs on one node are serialised by an exclusive
 flock on `<root>/run/lock/netloom-overlay-addresses.lock`, held from the read of the book until
@@ -338,7 +340,10 @@ class OverlayAllocator:
 
     @property
     def state_path(self) -> str:
-        return os.path.join(state_root(), STATE_FILE)
+        """The overlay's book; another bridge (standard-mode VMs' NAT bridge) has a book of its own."""
+        if self.bridge == DEFAULT_BRIDGE:
+            return os.path.join(state_root(), STATE_FILE)
+        return os.path.join(state_root(), f"var/lib/netloom/addresses-{self.bridge}.json")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[OverlayAllocator]:

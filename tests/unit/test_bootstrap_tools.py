@@ -23,6 +23,7 @@ TEST_TOOLS = (
     "cat", "systemd-analyze",
     "bridge",  # overlay_runner direct mode: the mesh's FDB (tests/module/test_overlay_mesh.py)
     "dot",  # playbooks/topology.yml renders the picture
+    "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "chroot",  # qemu_vm tests and the guest image
 )
 
 

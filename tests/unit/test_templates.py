@@ -124,7 +124,40 @@ def check_nginx_router(tmp_path: pathlib.Path) -> None:
     assert text.startswith(pods.ROUTER_MARKER) and "$1" not in text
 
 
+def check_vm_unit(tmp_path: pathlib.Path) -> None:
+    from ansible.module_utils.netloom import qemu
+
+    images = "/var/lib/netloom/images"
+    spec = qemu.parse_spec({"name": "web1", "memory_mb": 512, "vcpus": 1, "mtu": 1450,
+                            "kernel": f"{images}/vmlinuz", "initrd": f"{images}/initrd.img",
+                            "kernel_append": "root=/dev/vda rw console=ttyS0",
+                            "shares": [{"tag": "data", "source": "/srv/data"}]})
+    unit_text = render_file(template_path("systemd/netloom-vm.service.j2"), qemu.unit_variables(spec))
+    text = qemu.fill_slots(unit_text, accel="tcg")
+    unit = tmp_path / spec.unit
+    unit.write_text(text)
+    verify_units(tmp_path, unit.name, [unit])
+    assert '-append "root=/dev/vda rw console=ttyS0"' in text and "RuntimeDirectory=netloom/vms/web1" in text
+
+
+def check_nocloud_seed(tmp_path: pathlib.Path) -> None:
+    """The seed files parse as YAML (cloud-init's own parser is yaml.safe_load); content: test_qemu_vm."""
+    import yaml
+    from ansible.module_utils.netloom import qemu
+
+    del tmp_path
+    spec = qemu.parse_spec({"name": "web1", "memory_mb": 512, "vcpus": 1, "mtu": 1450})
+    users = qemu.parse_users("users", [{"name": "deploy", "ssh_keys": ["ssh-ed25519 AAAA k"], "sudo": True}])
+    for name in ("meta-data", "user-data", "network-config"):
+        text = render_file(template_path(f"cloud-init/{name}.j2"), qemu.seed_variables(spec, users, []))
+        assert isinstance(yaml.safe_load(text), dict)
+
+
 CASES: dict[str, Callable[[pathlib.Path], None]] = {
+    "systemd/netloom-vm.service.j2": check_vm_unit,
+    "cloud-init/meta-data.j2": check_nocloud_seed,
+    "cloud-init/user-data.j2": check_nocloud_seed,
+    "cloud-init/network-config.j2": check_nocloud_seed,
     "haproxy/haproxy_relay.cfg.j2": check_haproxy_config,
     "systemd/haproxy-relay.conf.j2": dropin_case(
         haproxy.DROPIN_TEMPLATE, "/lib/systemd/system/haproxy.service", "haproxy.service",
