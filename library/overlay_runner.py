@@ -262,6 +262,7 @@ from ansible.module_utils.netloom.overlay import (
 )
 from ansible.module_utils.netloom.persist import RESTORE_OPTION
 from ansible.module_utils.netloom.plan import AddressPlan
+from ansible.module_utils.netloom.qemu import TAP_PREFIX as VM_TAP_PREFIX
 from ansible.module_utils.netloom.sysctl import plan_sysctls
 
 FORWARD_CHAIN = "NETLOOM-OVLRUN-FWD"
@@ -452,7 +453,8 @@ class OverlayRunner(OverlayManager):
         """Refuse, before any change, a bridge_name or vxlan_name that names someone else's link.
 
         The bridge is netloom's (or Docker's network on it) when it holds no address outside
-        the overlay and its ports are vxlan_name and veths (containers); the underlay's own
+        the overlay and its ports are vxlan_name, veths (containers) and qemu_vm's TAPs
+        (nlvm-NAME); the underlay's own
         interface, or a bridge with a NIC or foreign addresses, would be taken over.
         """
         named = (("bridge_name", self.bridge), ("vxlan_name", self.vxlan), ("mesh_name", self.mesh))
@@ -463,7 +465,8 @@ class OverlayRunner(OverlayManager):
         foreign = [str(interface) for interface in snapshot.addresses_of(self.bridge)
                    if interface.ip not in self.overlay]
         ports = [f"{port.name} ({port.kind or 'physical'})" for port in snapshot.ports_of(self.bridge)
-                 if port.name != self.vxlan and port.kind != "veth"]
+                 if port.name != self.vxlan and port.kind != "veth"
+                 and not (port.kind == "tun" and port.name.startswith(VM_TAP_PREFIX))]
         if foreign or ports:
             what = [f"addresses outside the overlay: {', '.join(foreign)}"] if foreign else []
             what += [f"ports netloom does not own: {', '.join(ports)}"] if ports else []

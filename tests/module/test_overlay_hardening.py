@@ -349,6 +349,7 @@ RUNNER_BAD = [
     ({"vxlan_name": "ubr"}, "vxlan_name", "ubr", "holding underlay_ip 192.0.2.11"),
     ({"bridge_name": "other0"}, "bridge_name", "other0", "addresses outside the overlay: 172.31.0.1/24"),
     ({"bridge_name": "nic0"}, "bridge_name", "nic0", "ports netloom does not own: vxo (vxlan)"),
+    ({"bridge_name": "tapbr"}, "bridge_name", "tapbr", "ports netloom does not own: tap0 (tun)"),
     ({"vxlan_name": "other0"}, "vxlan_name", "other0", "exists as a bridge link"),
     ({"bridge_name": "u0"}, "bridge_name", "u0", "exists as a veth link, not a bridge"),
 ]
@@ -367,6 +368,9 @@ def test_runner_bad_input_changes_nothing(overrides: dict[str, Any], field: str,
                   " && ip link add other0 type bridge && ip addr add 172.31.0.1/24 dev other0"
                   " && ip link add nic0 type bridge && ip link add vxo type vxlan id 999 dstport 4789"
                   " && ip link set vxo master nic0"
+                  " && ip tuntap add dev nlvm-t9 mode tap && ip link set nlvm-t9 master nic0"
+                  " && ip link add tapbr type bridge && ip tuntap add dev tap0 mode tap"
+                  " && ip link set tap0 master tapbr"
                   " && sysctl -qw net.ipv4.ip_forward=0")
         assert_refused(runner, "overlay_runner", runner_args(**overrides), field, value, fragment)
         assert runner.sh("ip route show default").startswith("default via 192.0.2.254 dev ubr")

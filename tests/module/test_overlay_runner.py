@@ -92,6 +92,8 @@ def test_drift_is_repaired_without_touching_the_bridge_or_its_ports(runner: Netn
     runner_run(runner, args())
     # A workload veth as Docker would attach it: not ours, must stay enslaved and untouched.
     runner.sh("ip link add ws0 type veth peer name ws0p && ip link set ws0 master kohaku-overlay up")
+    # A qemu_vm TAP (nlvm-NAME, as its unit attaches it): netloom's own VM port, left alone.
+    runner.sh("ip tuntap add dev nlvm-t1 mode tap && ip link set nlvm-t1 mtu 1450 master kohaku-overlay up")
     bridge_index = links(runner)["kohaku-overlay"]["ifindex"]
     runner.sh("ip link set vxlan0 type vxlan remote 192.0.2.99")
     runner.sh("ip addr add 10.77.0.1/24 dev kohaku-overlay")
@@ -115,6 +117,7 @@ def test_drift_is_repaired_without_touching_the_bridge_or_its_ports(runner: Netn
     assert vxlan(live["vxlan0"])["remote"] == "192.0.2.1"
     assert live["vxlan0"]["master"] == "kohaku-overlay"
     assert live["ws0"]["master"] == "kohaku-overlay"
+    assert live["nlvm-t1"]["master"] == "kohaku-overlay"
     assert addresses(runner, "kohaku-overlay") == ["10.1.0.1/16"]
     assert overlay_routes(runner)[0].startswith("10.0.0.0/8 via 10.1.0.254 dev kohaku-overlay")
     assert "MASQUERADE" in runner.sh("iptables -t nat -S NETLOOM-OVLRUN-NAT")
