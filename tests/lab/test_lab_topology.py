@@ -222,3 +222,22 @@ def test_bad_image_yml_is_refused_before_a_build(workload_recipes: pathlib.Path,
 def test_unknown_workload_image_names_the_known_ones(workload_recipes: pathlib.Path) -> None:
     with pytest.raises(lab_image.ImageError, match=r"'db'.*known: web"):
         lab_image.workload_recipe("db")
+
+
+def test_cluster_topology_has_every_role_on_subnets_no_other_lab_uses() -> None:
+    """scripts/site.sh's default lab: every node role, and it can be up next to any other lab."""
+    topologies = OVERLAY.parent
+    cluster = lab_topology.load(topologies / "cluster.yml")
+    groups = {group for node in cluster.nodes.values() for group in node.groups}
+    assert {"overlay_hub", "overlay_runners", "edge_gateway", "edge_compute", "pod_hosts", "internet",
+            "edge_adjacent"} <= groups
+    docker_nodes = {name for name, node in cluster.nodes.items() if node.docker}
+    assert docker_nodes == {"runner1", "runner2", "control", "compute1", "compute2", "podhost"}
+    # Taken elsewhere (lab/README.md): tests/lab, the module tests, bench/fanout, the SSH networks.
+    taken = [ipaddress.ip_network(cidr) for cidr in
+             ("100.127.10.0/24", "100.127.11.0/24", "198.18.0.0/15", "198.19.255.0/24", "172.16.0.0/16")]
+    for path in sorted(topologies.glob("*.yml")):
+        if path.name != "cluster.yml":
+            taken += [network.subnet for network in lab_topology.load(path).networks.values()]
+    for network in cluster.networks.values():
+        assert not [other for other in taken if network.subnet.overlaps(other)], network
