@@ -15,7 +15,15 @@ import pytest
 # The verifiers' shared helpers live in molecule/shared (see labtest.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 pytest.register_assert_rewrite("labtest")
-from labtest import HttpContainer, assert_check_mode_reports_no_change, node
+from labtest import (
+    HttpContainer,
+    assert_check_mode_reports_no_change,
+    assert_no_drift,
+    by_name,
+    draw_topology,
+    node,
+    topology_node,
+)
 
 OUTSIDE = "198.51.100.10"
 
@@ -58,3 +66,22 @@ def test_workload_reaches_its_runner_and_the_outside_through_docker_nat() -> Non
 
 def test_check_mode_after_converge_reports_no_change() -> None:
     assert_check_mode_reports_no_change({"hub", "runner1", "runner2"})
+
+
+def test_picture_shows_only_the_isolated_networks() -> None:
+    """The picture play's JSON, drawn from live state with the declarations converge used
+    (netloom_overlay_enabled=false), shows each runner's isolated Docker network and nothing of the
+    overlay: no VXLAN link, bridge, netloom chain or restore entry of the overlay modules; no drift."""
+    model = draw_topology({"netloom_overlay_enabled": False})
+    assert_no_drift(model)
+    assert model["edges"] == []
+    for name in ("hub", "runner1", "runner2"):
+        item = topology_node(model, name)
+        assert item["vxlan"] == [] and item["chains"] == [], item
+        assert not {"kohaku-host", "kohaku-overlay"} & set(by_name(item["bridges"])), item["bridges"]
+        assert not [entry for entry in item["restore"] if str(entry["module"]).startswith("overlay_")], item
+    for name in ("runner1", "runner2"):
+        networks = by_name(topology_node(model, name)["docker_networks"])
+        assert "kohakuriver-overlay" not in networks
+        assert (networks["kohakuriver-net"]["subnet"], networks["kohakuriver-net"]["gateway"]) == (
+            "172.30.0.0/16", "172.30.0.1")

@@ -16,7 +16,18 @@ import pytest
 # The verifiers' shared helpers live in molecule/shared (see labtest.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 pytest.register_assert_rewrite("labtest")
-from labtest import HttpContainer, assert_check_mode_reports_no_change, node, node_fixture
+from labtest import (
+    HttpContainer,
+    assert_check_mode_reports_no_change,
+    assert_no_drift,
+    by_name,
+    draw_topology,
+    inventory_hostvars,
+    node,
+    node_fixture,
+    topology_edges,
+    topology_node,
+)
 
 CA = "/etc/docker/certs.d/10.99.0.1:5010/ca.crt"
 
@@ -187,3 +198,49 @@ def test_allowed_ips_that_fail_the_filter_never_become_routes(control):
 def test_check_mode_after_converge_reports_no_change():
     """--check --diff of the converge playbook: every host's recap says changed=0."""
     assert_check_mode_reports_no_change({"control", "compute1", "compute2"})
+
+
+def test_picture_shows_the_wireguard_star_the_dnat_and_the_worker_bridges():
+    """The picture play's JSON, drawn from live state, is what this scenario built: control's wg0
+    peered with each compute node (paired by public key, each side allowing what the roles declare),
+    the extra peer as external, each compute node's worker bridge and network, its DNAT of the
+    gateway ports to the local proxy, control's routes to the workers, and no drift."""
+    hostvars = inventory_hostvars()
+    model = draw_topology()
+    assert_no_drift(model)
+    control_ip = hostvars["control"]["netloom_underlay_ip"]
+    control_node = topology_node(model, "control")
+    control_wg = by_name(control_node["wireguard"])["wg0"]
+    assert (control_wg["addresses"], control_wg["listen_port"]) == (["10.99.0.1/24"], 51820)
+    links = topology_edges(model, "wireguard")
+    extra_key = hostvars["control"]["edge_gateway_extra_peers"][0]["public_key"]
+    external = [edge for edge in links.values() if edge["status"] == "external"]
+    assert len(external) == 1 and set(external[0]["sides"]) == {"control"}
+    assert set(external[0]["sides"]["control"]["allowed_ips"]) == {"0.0.0.0/0", "1.2.3.4/32"}
+    assert extra_key in [peer["public_key"] for peer in control_wg["peers"]]
+    control_routes = {route["dst"]: route for route in control_node["routes"] if route["netloom"]}
+    for compute_name in ("compute1", "compute2"):
+        index = int(hostvars[compute_name]["netloom_edge_node_index"])
+        compute_ip = hostvars[compute_name]["netloom_underlay_ip"]
+        compute = topology_node(model, compute_name)
+        compute_wg = by_name(compute["wireguard"])["wg0"]
+        assert compute_wg["addresses"] == [f"10.99.0.{index + 1}/24"]
+        edge = links[frozenset(("control", compute_name))]
+        assert edge["status"] == "ok" and edge["declared"] and set(edge["sides"]) == {"control", compute_name}
+        gateway_side, compute_side = edge["sides"]["control"], edge["sides"][compute_name]
+        assert gateway_side["device"] == "wg0" and gateway_side["endpoint"] == f"{compute_ip}:51820"
+        assert set(gateway_side["allowed_ips"]) == {f"10.99.0.{index + 1}/32", f"10.88.{index}.0/24"}
+        assert compute_side["device"] == "wg0" and compute_side["endpoint"] == f"{control_ip}:51820"
+        assert compute_side["allowed_ips"] == ["10.99.0.0/24"]
+        assert control_routes[f"10.88.{index}.0/24"]["dev"] == "wg0"
+        assert "10.88.0.1/16" in by_name(compute["bridges"])["esb-cni0"]["addresses"]
+        workers = by_name(compute["docker_networks"])["esb-workers"]
+        assert (workers["bridge"], workers["subnet"], workers["gateway"]) == (
+            "esb-cni0", "10.88.0.0/16", "10.88.0.1")
+        assert "NETLOOM-DNAT" in [chain["name"] for chain in compute["chains"]]
+        dnat = {(rule["destination"], rule["protocol"], rule["dport"], rule["to_destination"])
+                for rule in compute["dnat"] if rule["chain"] == "NETLOOM-DNAT"}
+        wanted = {("10.88.0.1/32", "tcp", port, f"127.0.0.1:{port}") for port in ("9000", "8001", "9428")}
+        assert wanted <= dnat, dnat
+        assert {rule[3].split(":")[0] for rule in dnat} == {"127.0.0.1"}, dnat
+    assert not topology_node(model, "adjacent")["wireguard"]

@@ -15,7 +15,18 @@ import pytest
 # The verifiers' shared helpers live in molecule/shared (see labtest.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 pytest.register_assert_rewrite("labtest")
-from labtest import HttpContainer, assert_check_mode_reports_no_change, node, node_fixture
+from labtest import (
+    HttpContainer,
+    assert_check_mode_reports_no_change,
+    assert_no_drift,
+    by_name,
+    draw_topology,
+    inventory_hostvars,
+    node,
+    node_fixture,
+    topology_edges,
+    topology_node,
+)
 
 HUB = "100.127.20.10"
 UNDERLAY = {1: "100.127.20.11", 2: "100.127.20.12", 3: "100.127.20.13"}
@@ -128,3 +139,39 @@ def test_containers_reach_the_hub_anchor(workloads):
 
 def test_check_mode_after_converge_reports_no_change():
     assert_check_mode_reports_no_change({"hub", "runner1", "runner2", "runner3"})
+
+
+def test_picture_shows_the_mesh_between_direct_runners_and_the_hub_links():
+    """The picture play's JSON, drawn from live state, is what this scenario built: the hub's VXLAN
+    link to every runner (VNI 100 + id), one mesh link runner1 <-> runner2 paired from both mesh
+    devices' FDB entries, runner3 without a mesh device, the direct routes, and no drift."""
+    hostvars = inventory_hostvars()
+    model = draw_topology()
+    assert_no_drift(model)
+    hub_ip = hostvars["hub"]["netloom_underlay_ip"]
+    underlay = {number: hostvars[f"runner{number}"]["netloom_underlay_ip"] for number in UNDERLAY}
+    assert underlay == UNDERLAY and hub_ip == HUB
+    hub_links = topology_edges(model, "vxlan")
+    assert set(hub_links) == {frozenset(("hub", f"runner{number}")) for number in UNDERLAY}
+    for number in UNDERLAY:
+        edge = hub_links[frozenset(("hub", f"runner{number}"))]
+        assert edge["status"] == "ok" and edge["vni"] == 100 + number
+        assert edge["sides"]["hub"]["remote"] == underlay[number]
+        assert edge["sides"][f"runner{number}"]["remote"] == hub_ip
+    mesh = topology_edges(model, "mesh")
+    assert set(mesh) == {frozenset(("runner1", "runner2"))}
+    edge = mesh[frozenset(("runner1", "runner2"))]
+    assert edge["status"] == "ok" and edge["declared"] and edge["vni"] == 1
+    for own, peer in ((1, 2), (2, 1)):
+        side = edge["sides"][f"runner{own}"]
+        assert side == {"device": MESH, "local": underlay[own], "remote": underlay[peer], "up": True}
+        runner = topology_node(model, f"runner{own}")
+        device = by_name(runner["vxlan"])[MESH]
+        assert (device["mesh"], device["remote"], device["local"], device["fdb"], device["mtu"]) == (
+            True, None, underlay[own], [underlay[peer]], 1450)
+        direct = [route for route in runner["routes"] if route["dev"] == MESH]
+        assert [(route["dst"], route["gateway"], route["netloom"]) for route in direct] == [
+            (f"10.{peer}.0.0/16", f"10.{peer}.0.1", True)]
+    runner3 = topology_node(model, "runner3")
+    assert [link["name"] for link in runner3["vxlan"]] == ["vxlan0"]
+    assert not [route for route in runner3["routes"] if route["netloom"]]

@@ -14,7 +14,18 @@ import pytest
 # The verifiers' shared helpers live in molecule/shared (see labtest.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 pytest.register_assert_rewrite("labtest")
-from labtest import HttpContainer, assert_check_mode_reports_no_change, node, node_fixture
+from labtest import (
+    HttpContainer,
+    assert_check_mode_reports_no_change,
+    assert_no_drift,
+    by_name,
+    draw_topology,
+    inventory_hostvars,
+    node,
+    node_fixture,
+    topology_edges,
+    topology_node,
+)
 
 OUTSIDE = "198.51.100.10"
 
@@ -111,6 +122,48 @@ def test_default_network_is_isolated_per_runner(runner1):
 
 def test_check_mode_after_converge_reports_no_change():
     assert_check_mode_reports_no_change({"hub", "runner1", "runner2"})
+
+
+def test_picture_shows_the_hub_and_spoke_overlay_that_was_built():
+    """The picture play's JSON, drawn from live state, is the overlay this scenario built: one
+    VXLAN link per runner paired from both kernels (VNI 100 + id, each side's remote the other's
+    underlay address), the runners' bridges and Docker networks, and no drift."""
+    hostvars = inventory_hostvars()
+    model = draw_topology()
+    assert_no_drift(model)
+    hub_ip = hostvars["hub"]["netloom_underlay_ip"]
+    hub_node = topology_node(model, "hub")
+    assert hub_node["underlay_ip"] == hub_ip
+    assert "10.0.0.1/8" in by_name(hub_node["bridges"])["kohaku-host"]["addresses"]
+    links = topology_edges(model, "vxlan")
+    assert set(links) == {frozenset(("hub", "runner1")), frozenset(("hub", "runner2"))}
+    hub_links = by_name(hub_node["vxlan"])
+    for runner_name in ("runner1", "runner2"):
+        runner_id = int(hostvars[runner_name]["overlay_runner_id"])
+        runner_ip = hostvars[runner_name]["netloom_underlay_ip"]
+        edge = links[frozenset(("hub", runner_name))]
+        assert edge["status"] == "ok" and edge["declared"] and edge["vni"] == 100 + runner_id
+        assert edge["sides"] == {
+            "hub": {"device": f"vxkr{runner_id}", "local": hub_ip, "remote": runner_ip, "up": True,
+                    "mtu": 1450},
+            runner_name: {"device": "vxlan0", "local": runner_ip, "remote": hub_ip, "up": True, "mtu": 1450}}
+        assert hub_links[f"vxkr{runner_id}"]["addresses"] == [f"10.{runner_id}.0.254/16"]
+        runner = topology_node(model, runner_name)
+        assert runner["underlay_ip"] == runner_ip
+        vxlan0 = by_name(runner["vxlan"])["vxlan0"]
+        assert (vxlan0["vni"], vxlan0["remote"], vxlan0["master"], vxlan0["mesh"]) == (
+            100 + runner_id, hub_ip, "kohaku-overlay", False)
+        bridge = by_name(runner["bridges"])["kohaku-overlay"]
+        assert bridge["addresses"] == [f"10.{runner_id}.0.1/16"] and "vxlan0" in bridge["ports"]
+        networks = by_name(runner["docker_networks"])
+        overlay = networks["kohakuriver-overlay"]
+        assert (overlay["bridge"], overlay["subnet"], overlay["gateway"]) == (
+            "kohaku-overlay", f"10.{runner_id}.0.0/16", f"10.{runner_id}.0.1")
+        assert (networks["kohakuriver-net"]["subnet"], networks["kohakuriver-net"]["gateway"]) == (
+            "172.30.0.0/16", "172.30.0.1")
+        routes = {route["dst"]: route for route in runner["routes"]}
+        assert routes["10.0.0.0/8"]["gateway"] == f"10.{runner_id}.0.254"
+    assert not topology_node(model, "outside")["vxlan"]
 
 
 def test_underlay_neighbour_routing_the_overlay_cannot_reach_unpublished_ports(workloads):

@@ -15,7 +15,15 @@ import pytest
 # The verifiers' shared helpers live in molecule/shared (see labtest.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 pytest.register_assert_rewrite("labtest")
-from labtest import assert_check_mode_reports_no_change, node_fixture
+from labtest import (
+    assert_check_mode_reports_no_change,
+    assert_no_drift,
+    by_name,
+    draw_topology,
+    inventory_hostvars,
+    node_fixture,
+    topology_node,
+)
 
 POD_HOST = "192.168.251.10"
 OUTSIDE_PUBLIC = "192.88.99.10"
@@ -123,3 +131,31 @@ def test_no_private_egress_reaches_the_internet_but_not_private_addresses(podhos
 
 def test_check_mode_after_converge_reports_no_change():
     assert_check_mode_reports_no_change({"podhost"})
+
+
+def test_picture_shows_each_pod_with_its_network_and_external_port(pods):
+    """The picture play's JSON, drawn from live state, is what this scenario built: exactly the
+    declared pods, each running on its own Docker network (its subnet, the pod at .2) with its
+    external port published to the pod's router on :80, as Docker reports them; and no drift."""
+    declared = sorted(pod["id"] for pod in inventory_hostvars()["podhost"]["pod_host_pods"])
+    model = draw_topology()
+    assert_no_drift(model)
+    podhost = topology_node(model, "podhost")
+    containers = by_name(podhost["containers"])
+    assert sorted(containers) == [f"pinacle-pod-{pod}" for pod in declared]
+    networks = by_name(podhost["docker_networks"])
+    for pod in declared:
+        name = f"pinacle-pod-{pod}"
+        container = containers[name]
+        assert (container["kind"], container["state"]) == ("pod", "running")
+        assert container["labels"]["netloom.pod"] == pod
+        assert container["labels"]["netloom.pod.subnet"] == pods[pod]["subnet"]
+        assert list(container["networks"]) == [name]
+        assert container["networks"][name]["ipv4_address"] == pods[pod]["address"]
+        assert networks[name]["subnet"] == pods[pod]["subnet"]
+        assert networks[name]["gateway"] == pods[pod]["subnet"].replace(".0/24", ".1")
+        # One binding (Docker may list it once per address family).
+        published = {(port["private"], port["public"], port["type"])
+                     for port in container["ports"] if port["public"]}
+        assert published == {(80, pods[pod]["port"], "tcp")}, container["ports"]
+    assert len({networks[f"pinacle-pod-{pod}"]["subnet"] for pod in declared}) == len(declared)
