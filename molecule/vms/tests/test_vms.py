@@ -15,7 +15,15 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 pytest.register_assert_rewrite("labtest")
-from labtest import HttpContainer, assert_check_mode_reports_no_change, node_fixture
+from labtest import (
+    HttpContainer,
+    assert_check_mode_reports_no_change,
+    assert_no_drift,
+    by_name,
+    draw_topology,
+    node_fixture,
+    topology_node,
+)
 
 KEY = pathlib.Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "vm_key"
 REMOTE_KEY = "/root/.ssh/netloom_vm_key"
@@ -102,3 +110,14 @@ def test_9p_share_is_visible_in_the_guest(ssh):
 def test_check_mode_after_converge_reports_no_change(ssh):
     del ssh  # after the boot: cloud-init changed nothing netloom owns
     assert_check_mode_reports_no_change({"hub", "runner1", "runner2"})
+
+
+def test_the_picture_shows_the_vm_on_runner1s_overlay_bridge(vm):
+    """The picture play, from live state: t1's TAP on kohaku-overlay, the overlay links, no drift."""
+    model = draw_topology()
+    taps = by_name(topology_node(model, "runner1")["taps"])
+    assert set(taps) == {"nlvm-t1"}, taps
+    assert taps["nlvm-t1"]["bridge"] == "kohaku-overlay" and taps["nlvm-t1"]["vm"] == "t1", taps
+    assert taps["nlvm-t1"]["status"] == "ok", taps
+    assert topology_node(model, "runner2")["taps"] == []
+    assert_no_drift(model)
