@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.foreign_rules import add_foreign_rules
 from tests.support.kernel_view import addresses, kernel_state, links, vxlan
-from tests.support.netns import Netns, node_python, persist_root, run_module, run_module_ok, sh
+from tests.support.netns import Netns, persist_root, replay_boot, run_module, run_module_ok, sh
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -86,15 +86,6 @@ def view(ns: Netns) -> str:
                       ns.sh("sysctl -n net.ipv4.ip_forward")])
 
 
-def replay(ns: Netns) -> subprocess.CompletedProcess[str]:
-    """Boot's early phase: the recorded runner, run inside `ns`, with nothing but its persistence."""
-    root = persist_root(ns.name)
-    return subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", node_python(),
-                           str(root / "usr/lib/netloom/netloom-restore"), "early"],
-                          env={**os.environ, "NETLOOM_PERSIST_ROOT": str(root)},
-                          capture_output=True, text=True, check=False)
-
-
 # ---- reboot survival -----------------------------------------------------------------------
 
 
@@ -141,7 +132,7 @@ def test_replay_restores_a_wiped_overlay_and_absent_forgets_it(
     assert "10.0.0.0/8" not in runner.sh("ip route")
 
     for ns, entry in ((hub, HUB_ENTRY), (runner, RUNNER_ENTRY)):
-        booted = replay(ns)
+        booted = replay_boot(ns)
         assert booted.returncode == 0, booted.stdout + booted.stderr
         assert f"netloom-restore early: {entry}: changed" in booted.stdout
         assert view(ns) == converged[ns.name]

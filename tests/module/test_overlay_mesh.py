@@ -4,14 +4,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.support.kernel_view import addresses, fdb, links, neighbours, routes, vxlan
-from tests.support.netns import Netns, node_python, persist_root, run_module, run_module_ok, sh
+from tests.support.netns import Netns, replay_boot, run_module, run_module_ok, sh
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -273,11 +272,7 @@ def test_the_boot_replay_restores_a_wiped_mesh(trio: dict[int, Netns]) -> None:
     ns.sh(f"ip link del {MESH} && ip link del vxlan0 && ip link del kohaku-overlay"
           " && iptables -F && iptables -X && iptables -t nat -F && iptables -t nat -X"
           " && sysctl -qw net.ipv4.ip_forward=0")
-    root = persist_root(ns.name)
-    replayed = subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", node_python(),
-                               str(root / "usr/lib/netloom/netloom-restore"), "early"],
-                              env={**os.environ, "NETLOOM_PERSIST_ROOT": str(root)},
-                              capture_output=True, text=True, check=False)
+    replayed = replay_boot(ns)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert mesh_view(ns) == expected_view(1, (2, 3))
     assert view(ns) == converged

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import Netns, node_python, persist_root, run_module, run_module_ok
+from tests.support.netns import Netns, persist_root, replay_boot, run_module, run_module_ok
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -106,11 +106,7 @@ def test_the_boot_replay_restores_the_bridge_and_chains(runner: tuple[Netns, Net
     converged = view(node)
     node.sh(f"ip link del {BRIDGE} && iptables -F && iptables -X && iptables -t nat -F && iptables -t nat -X"
             " && sysctl -qw net.ipv4.ip_forward=0")
-    root = persist_root(node.name)
-    replayed = subprocess.run(["nsenter", f"--net=/run/netns/{node.name}", node_python(),
-                               str(root / "usr/lib/netloom/netloom-restore"), "early"],
-                              env={**os.environ, "NETLOOM_PERSIST_ROOT": str(root)},
-                              capture_output=True, text=True, check=False)
+    replayed = replay_boot(node)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert view(node) == converged
 

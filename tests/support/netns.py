@@ -64,6 +64,15 @@ def persist_root(netns: str | None) -> pathlib.Path:
     return PERSIST_ROOTS / (netns or "host")
 
 
+def replay_boot(ns: Netns, phase: str = "early") -> subprocess.CompletedProcess[str]:
+    """A boot's netloom-restore phase inside `ns`, with nothing but the recorded persistence."""
+    root = persist_root(ns.name)
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ns.name}", node_python(),
+                           str(root / "usr/lib/netloom/netloom-restore"), phase],
+                          env={**os.environ, "NETLOOM_PERSIST_ROOT": str(root)},
+                          capture_output=True, text=True, check=False)
+
+
 def controller_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
     """The arguments as netloom's action plugin of NAME passes them: plus the files it renders.
 
