@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shlex
 import sys
 import time
 
@@ -57,7 +58,8 @@ def ssh(runner2, vm):
         time.sleep(10)
     assert "vm-ssh-rc=0" in result.stdout, \
         f"no SSH to the VM at {vm['address']} within {BOOT_DEADLINE} s: {result.stdout} {result.stderr}"
-    return lambda command: runner2.run(f"{base} {command}")
+    # Quoted once for runner 2's shell, so the guest's shell gets the command whole (&&, >, quotes).
+    return lambda command: runner2.run(f"{base} {shlex.quote(command)}")
 
 
 @pytest.fixture(scope="module")
