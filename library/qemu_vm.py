@@ -287,7 +287,12 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.netloom import qemu, vmstop
 from ansible.module_utils.netloom import systemd as systemd_util
-from ansible.module_utils.netloom.allocator import DEFAULT_NETWORK, open_runner_allocator
+from ansible.module_utils.netloom.allocator import (
+    DEFAULT_NETWORK,
+    OverlayAllocator,
+    addressing_from_subnet,
+    open_runner_allocator,
+)
 from ansible.module_utils.netloom.common import (
     ChangePlan,
     InputError,
@@ -345,6 +350,7 @@ REQUIRED_IF = [("state", "running", ("base_image",)), ("state", "stopped", ("bas
 SEED_FILES = ("meta-data", "user-data", "network-config")
 CRASHED = ("internal-error", "guest-panicked", "shutdown", "io-error")
 KVM_SETTLE_SECONDS = 5.0
+NAT_BOOK = "nat"  # standard-mode VMs' addresses: /var/lib/netloom/addresses-nat.json
 DOCKER_SOCKET = "/var/run/docker.sock"
 
 
@@ -461,7 +467,7 @@ class VmManager:
                 "the controller downloaded"
             )
         self.enabled = self.unit_text is not None and self.unit.is_enabled()
-        self.status = qemu_status(self.paths.qmp) if self.active else None
+        self.status = qemu_status(self.paths.qmp, attempts=3) if self.active else None
         if self.params["state"] == "absent":
             return
         self.check_collisions()
@@ -505,10 +511,16 @@ class VmManager:
                 return
             # From the live bridge; on a runner not converged yet, check mode plans with `subnet`.
             nat = self.params["network"] == "nat"
+            recorded_network = self.record.get("network", "overlay") if self.record else None
+            if recorded_network not in (None, self.params["network"]):
+                raise InputError("network", self.params["network"],
+                                 f"VM {self.spec.name} was made on the {recorded_network} network; delete it "
+                                 "(state=absent) before moving it")
             docker_client = None if nat else docker_api()  # no Docker network holds NAT addresses
             try:
                 allocator = open_runner_allocator(self.module, nl, docker_client, self.spec.bridge,
-                                                  DEFAULT_NETWORK, subnet=self.params["subnet"])
+                                                  DEFAULT_NETWORK, subnet=self.params["subnet"],
+                                                  book=NAT_BOOK if nat else None)
             except InputError as err:  # the allocator names the bridge overlay_bridge; here it is `bridge`
                 if err.field_name != "overlay_bridge":
                     raise
@@ -558,6 +570,7 @@ class VmManager:
             "tap": self.spec.tap,
             "mac": self.spec.mac,
             "bridge": self.spec.bridge,
+            "network": self.params["network"],
             "address": f"{address}/{prefix}",
             "accel": accel,
             "accel_reason": why,
@@ -690,23 +703,47 @@ class VmManager:
         return qemu.choose_accel(requested)
 
     def plan_running(self, restart_needed: bool) -> None:
-        if not self.enabled or (restart_needed and not self.active):
+        if not self.enabled:
             self.plan.add(
                 f"unit {self.spec.unit} enabled", "update", self.enabled, True, self.unit.action("enable")
             )
+        tap_gone = self.snapshot.link(self.spec.tap) is None  # QEMU lost its NIC: only a restart helps
         if not self.active:
             self.plan.add(f"vm {self.spec.name}", "update", "stopped", "running", self.start)
-        elif restart_needed or self.status in CRASHED or self.status is None:
+        elif restart_needed or self.status in CRASHED or self.status is None or tap_gone:
             self.plan.add(f"vm {self.spec.name}", "update", self.status, "running (restarted)", self.restart)
-        elif self.status in ("paused", "suspended"):
-            self.plan.add(
-                f"vm {self.spec.name}",
-                "update",
-                self.status,
-                "running",
-                lambda: Qmp(self.paths.qmp).command("cont"),
-            )
+        else:
+            self.plan_tap()
+            if self.status in ("paused", "suspended"):
+                self.plan.add(
+                    f"vm {self.spec.name}",
+                    "update",
+                    self.status,
+                    "running",
+                    lambda: Qmp(self.paths.qmp).command("cont"),
+                )
         self.result["status"] = "running" if self.plan.changed or self.status == "running" else self.status
+
+    def plan_tap(self) -> None:
+        """A running VM's TAP back on its bridge, up, with its MTU, as the unit set it at start
+        (someone detached it, or the bridge was made again): fixed in place, no restart."""
+        tap = self.snapshot.link(self.spec.tap)
+        bridge = self.snapshot.link(self.spec.bridge)
+        if tap is None or bridge is None:
+            return
+        names = {link.index: link.name for link in self.snapshot.links.values()}
+        fixes: dict[str, Any] = {}
+        if tap.master != bridge.index:
+            fixes["master"] = self.spec.bridge
+        if tap.mtu != self.spec.mtu:
+            fixes["mtu"] = self.spec.mtu
+        if not tap.up:
+            fixes["up"] = True
+        if fixes:
+            self.plan.add(f"tap {self.spec.tap}", "update",
+                          {"master": names.get(tap.master), "mtu": tap.mtu, "up": tap.up},
+                          {"master": self.spec.bridge, "mtu": self.spec.mtu, "up": True},
+                          lambda: self.nl.set_link(self.spec.tap, **fixes))
 
     def plan_stopped(self) -> None:
         if self.active:
@@ -746,16 +783,27 @@ class VmManager:
         if os.path.isfile(helper) and not qemu.other_records(self.spec.name):
             self.plan.add(f"file {helper}", "delete", helper, None, lambda: os.unlink(helper))
         self.result.update(status="absent", released_address=None)
-        # The book of the bridge the VM was created on (its record says; `bridge` when none is left).
-        bridge = self.record.get("bridge") or self.spec.bridge
-        allocator = open_runner_allocator(self.module, nl, None, bridge, DEFAULT_NETWORK, required=False)
-        if allocator is None:  # no overlay here: no allocator book to release from
+        allocator = self.recorded_allocator(nl)
+        if allocator is None:  # no record and no bridge: no allocator book to release from
             finish(self.module, self.plan, describe=self.late_result, **self.result)
             return
         with allocator.locked():
             released = allocator.release(self.plan, f"vm-{self.spec.name}")
             self.result["released_address"] = str(released) if released else None
             finish(self.module, self.plan, describe=self.late_result, **self.result)
+
+    def recorded_allocator(self, nl: Netlink) -> OverlayAllocator | None:
+        """The book the VM's address came from, as its record says (network, bridge, address):
+        the address is released even when the bridge is already gone."""
+        bridge = self.record.get("bridge") or self.spec.bridge
+        book = NAT_BOOK if self.record.get("network", self.params["network"]) == "nat" else None
+        allocator = open_runner_allocator(self.module, nl, None, bridge, DEFAULT_NETWORK, required=False,
+                                          book=book)
+        if allocator is None and self.record.get("address"):
+            subnet = ipaddress.IPv4Interface(self.record["address"]).network
+            allocator = OverlayAllocator(self.module, addressing_from_subnet(subnet), nl=nl, bridge=bridge,
+                                         network=DEFAULT_NETWORK, book=book)
+        return allocator
 
     # ---- actions (plan step bodies) ----
 
@@ -831,12 +879,20 @@ def docker_api() -> Any:
     return docker.APIClient(base_url=f"unix://{DOCKER_SOCKET}")
 
 
-def qemu_status(path: str) -> str | None:
-    """The VM's QMP status; None when QEMU does not answer (not running, or going away)."""
-    try:
-        return Qmp(path).status()
-    except Exception:  # any failure of the QMP exchange means no usable answer from this QEMU
-        return None
+def qemu_status(path: str, attempts: int = 1) -> str | None:
+    """The VM's QMP status; None when QEMU does not answer (not running, or going away).
+
+    QMP serves one client at a time: reading an active unit's state asks a few times, a second
+    apart, so a client that holds the socket for a moment does not get a healthy VM restarted.
+    """
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(1.0)
+        try:
+            return Qmp(path).status()
+        except Exception:  # any failure of the QMP exchange means no usable answer from this QEMU
+            continue
+    return None
 
 
 def image_info(path: str) -> dict[str, Any]:

@@ -17,8 +17,12 @@ description:
     leaves the subnet through any other interface; C(NETLOOM-VMNAT-FWD) (filter, from FORWARD,
     after Docker's DOCKER-USER jump) accepts what the VMs send and only replies towards them, and
     drops anything else forwarded into the bridge. Rules netloom did not write are never touched."
-  - The subnet may not overlap a route this module does not own; a bridge of that name on another
-    subnet is renumbered only if no VM's TAP is on it.
+  - The subnet may not overlap a route this module does not own. On a runner with the overlay,
+    10.0.0.0/8 goes to the hub, so the default subnet is refused there naming that route: standard
+    mode is for runners without the overlay (or give a subnet outside the overlay plan).
+  - A bridge of that name is renumbered only when netloom's record says this module made it and no
+    VM's TAP is on it; C(state=absent) deletes it only then too. Any other bridge of that name with
+    other addresses fails, naming I(name).
   - Each real run records itself for netloom-restore's early boot phase (before the VMs' units
     start), so the bridge and chains come back after a reboot with no Ansible run.
     C(state=absent) removes the chains and the record, and the bridge when no TAP is left on it.
@@ -106,7 +110,7 @@ from ansible.module_utils.netloom.overlay import (
     describe_link,
     plan_addresses,
 )
-from ansible.module_utils.netloom.persist import RESTORE_OPTION
+from ansible.module_utils.netloom.persist import RESTORE_OPTION, recorded_args
 from ansible.module_utils.netloom.sysctl import plan_sysctls
 
 NAT_CHAIN = "NETLOOM-VMNAT"
@@ -150,8 +154,15 @@ class VmNatNetwork(OverlayManager):
         if bridge is not None and bridge.kind != "bridge":
             raise InputError("name", self.bridge, f"exists as a {bridge.kind or 'physical'} link, not a "
                                                   "bridge; netloom will not replace a link it does not own")
-        check_overlay_routes(snapshot, "subnet", self.params["subnet"], self.subnet, {self.bridge})
+        # On a runner with the overlay, 10.0.0.0/8 goes to the hub: the default 10.200.0.0/24 is
+        # then refused here, naming that route (standard mode is for runners without the overlay).
+        check_overlay_routes(snapshot, "subnet", self.params["subnet"], self.subnet, {self.bridge},
+                             what="the NAT subnet")
         stale = [interface for interface in snapshot.addresses_of(self.bridge) if interface != self.gateway]
+        if stale and not self.owns_bridge():
+            raise InputError("name", self.bridge,
+                             f"exists with {', '.join(map(str, stale))} and netloom has no record of making "
+                             "it: not netloom's NAT bridge; pick another name")
         ports = [member.name for member in snapshot.ports_of(self.bridge)]
         if stale and ports:
             raise InputError("subnet", self.params["subnet"],
@@ -168,9 +179,19 @@ class VmNatNetwork(OverlayManager):
         self.plan.extend(plan_chains(nat_chains(str(self.subnet), self.bridge)))
         return {"gateway": str(self.gateway)}
 
+    def owns_bridge(self) -> bool:
+        """Whether netloom's boot record says this module made a bridge of this name."""
+        recorded = recorded_args(self.module_name, "main", self.restore_order)
+        return recorded is not None and recorded.get("name") == self.bridge
+
     def plan_absent(self, snapshot: Snapshot) -> None:
         bridge = snapshot.link(self.bridge)
-        if bridge is not None and bridge.kind == "bridge":
+        # Ours: recorded, or holding exactly the gateway this module gives it (a bridge kept for its
+        # VMs' TAPs by an earlier absent run, whose record went with that run).
+        looks_ours = snapshot.addresses_of(self.bridge) == [self.gateway]
+        if bridge is not None and not (self.owns_bridge() or looks_ours):
+            self.module.warn(f"{self.bridge}: netloom has no record of making it: left alone")
+        elif bridge is not None and bridge.kind == "bridge":
             ports = [member.name for member in snapshot.ports_of(self.bridge)]
             if ports:
                 self.module.warn(f"{self.bridge} still has ports ({', '.join(ports)}), VMs' TAPs: the bridge "

@@ -15,7 +15,7 @@ step() { printf '\n== %s\n' "$*"; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
 step "bootstrap (packages, dockerd, .venv, lab image)"
-bash scripts/bootstrap.sh
+NETLOOM_BOOTSTRAP_GUEST=0 bash scripts/bootstrap.sh  # no VM in the default cluster: no guest build
 step "lab up: $topology"
 .venv/bin/python lab/netloom_lab.py up --topology "$topology" --inventory-file "$inventory"
 step "lab stand-ins (ESB control services)"

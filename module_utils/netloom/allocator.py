@@ -4,9 +4,9 @@ The reference system had three allocators (hub, Docker IPAM, VMs) that ignored e
 kept their reservations in memory. Here every workload address of runner N's subnet comes from
 this one book, kept on the runner itself, so it survives runs, reboots and a new controller.
 
-Where it lives: `<root>/var/lib/netloom/overlay-addresses.json` for the overlay bridge, and
-`addresses-<bridge>.json` beside it for any other bridge (the standard-mode VMs' NAT bridge)
-(0600 in a 0700 folder, written
+Where it lives: `<root>/var/lib/netloom/overlay-addresses.json` for the overlay, and
+`addresses-<book>.json` beside it for a book the caller names (`nat`: the standard-mode VMs'
+NAT bridge) (0600 in a 0700 folder, written
 atomically through files.write_file); `<root>` is / on a node and NETLOOM_STATE_ROOT in tests
 (as NETLOOM_PERSIST_ROOT for persist.py). Runs on one node are serialised by an exclusive
 flock on `<root>/run/lock/netloom-overlay-addresses.lock`, held from the read of the book until
@@ -122,7 +122,8 @@ def addressing_from_bridge(interface: ipaddress.IPv4Interface, runner_id: int = 
 
 
 def open_runner_allocator(module: Any, nl: Any, docker_client: Any, bridge: str, network: str,
-                          subnet: Any = None, required: bool = True) -> OverlayAllocator | None:
+                          subnet: Any = None, required: bool = True,
+                          book: str | None = None) -> OverlayAllocator | None:
     """The runner's allocator, addressed from the live bridge or from `subnet` (option `subnet`).
 
     With `subnet` given it must match the bridge when the bridge exists; while the bridge does not
@@ -148,7 +149,8 @@ def open_runner_allocator(module: Any, nl: Any, docker_client: Any, bridge: str,
             raise InputError("overlay_bridge", bridge, "has no IPv4 address on this runner (converge "
                                                        "overlay_runner first, or use the default network)")
         return None
-    return OverlayAllocator(module, live, nl=nl, docker_client=docker_client, bridge=bridge, network=network)
+    return OverlayAllocator(module, live, nl=nl, docker_client=docker_client, bridge=bridge, network=network,
+                            book=book)
 
 
 def allocation_key(field_name: str, value: Any) -> str:
@@ -328,22 +330,25 @@ class OverlayAllocator:
     """The book on the node: lock, read (file + live bridge + Docker), plan writes."""
 
     def __init__(self, module: Any, addressing: RunnerAddressing, nl: Any = None, docker_client: Any = None,
-                 bridge: str = DEFAULT_BRIDGE, network: str = DEFAULT_NETWORK) -> None:
+                 bridge: str = DEFAULT_BRIDGE, network: str = DEFAULT_NETWORK,
+                 book: str | None = None) -> None:
         self.module = module
         self.addressing = addressing
         self.nl = nl
         self.client = docker_client
         self.bridge = bridge
         self.network = network
+        self.book_name = book
         self.book = AddressBook(addressing)
         self.labelled_keys: set[str] | None = None  # None: Docker not asked or did not answer
 
     @property
     def state_path(self) -> str:
-        """The overlay's book; another bridge (standard-mode VMs' NAT bridge) has a book of its own."""
-        if self.bridge == DEFAULT_BRIDGE:
+        """The overlay's book, whatever its bridge is called; a named `book` (standard-mode VMs'
+        NAT network: "nat") is a file of its own, chosen by the caller, never by a bridge name."""
+        if self.book_name is None:
             return os.path.join(state_root(), STATE_FILE)
-        return os.path.join(state_root(), f"var/lib/netloom/addresses-{self.bridge}.json")
+        return os.path.join(state_root(), f"var/lib/netloom/addresses-{self.book_name}.json")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[OverlayAllocator]:

@@ -154,7 +154,7 @@ def check_vni_free(snapshot: Snapshot, field_name: str, wanted: dict[int, str], 
 
 
 def check_overlay_routes(snapshot: Snapshot, field_name: str, value: Any, overlay: ipaddress.IPv4Network,
-                         owned: set[str]) -> None:
+                         owned: set[str], what: str = "the overlay") -> None:
     """Refuse an overlay that overlaps a route netloom does not own on this node, before any change.
 
     Routes through the `owned` links (their connected routes, the runner's overlay route on its
@@ -168,7 +168,7 @@ def check_overlay_routes(snapshot: Snapshot, field_name: str, value: Any, overla
             continue
         via = f" via {route.gateway}" if route.gateway is not None else ""
         dev = f" dev {names.get(route.oif, route.oif)}" if route.oif is not None else ""
-        raise InputError(field_name, value, f"the overlay {overlay} overlaps the route {route.dst}{via}{dev}"
+        raise InputError(field_name, value, f"{what} {overlay} overlaps the route {route.dst}{via}{dev}"
                                             f"{f' metric {route.priority}' if route.priority else ''}, "
                                             "which netloom does not own on this node")
 

@@ -231,8 +231,25 @@ def parse_shares(field_name: str, value: Iterable[Mapping[str, Any]] | None) -> 
         if not isinstance(source, str) or not os.path.isabs(source) or "," in source:
             raise InputError(f"{field_name}[{index}].source", source, "an absolute path without ','")
         plain_text(f"{field_name}[{index}].source", source)
+        check_share_source(f"{field_name}[{index}].source", os.path.normpath(source))
         shares.append(Share(tag, os.path.normpath(source), bool(entry.get("readonly", False))))
     return tuple(shares)
+
+
+# QEMU runs as root: a share of (or above) these would hand the guest the host's system, or
+# netloom's own files (the units' ExecStop helper, other VMs' disks), to read or rewrite.
+PROTECTED_PATHS = ("/etc", "/usr", "/boot", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev",
+                   "/run", "/root", "/var/lib/netloom", "/var/lib/docker")
+
+
+def check_share_source(field_name: str, source: str) -> None:
+    """Refuse / and any folder that is, holds or lies inside a protected system or netloom path."""
+    for protected in PROTECTED_PATHS:
+        if source == "/" or source == protected or protected.startswith(source + "/") \
+                or source.startswith(protected + "/"):
+            shared = protected if source != "/" else "/"
+            raise InputError(field_name, source, f"shares {shared} with the guest (QEMU runs as root): "
+                                                 "share a folder of its own")
 
 
 def default_bridge(network: str) -> str:

@@ -339,7 +339,7 @@ RUNNER_BAD = [
     ({"bridge_name": "ubr"}, "bridge_name", "ubr", "holding underlay_ip 192.0.2.11"),
     ({"vxlan_name": "ubr"}, "vxlan_name", "ubr", "holding underlay_ip 192.0.2.11"),
     ({"bridge_name": "other0"}, "bridge_name", "other0", "addresses outside the overlay: 172.31.0.1/24"),
-    ({"bridge_name": "nic0"}, "bridge_name", "nic0", "ports netloom does not own: vxo (vxlan)"),
+    ({"bridge_name": "nic0"}, "bridge_name", "nic0", "ports netloom does not own: vxo (vxlan): not the"),
     ({"bridge_name": "tapbr"}, "bridge_name", "tapbr", "ports netloom does not own: tap0 (tun)"),
     ({"vxlan_name": "other0"}, "vxlan_name", "other0", "exists as a bridge link"),
     ({"bridge_name": "u0"}, "bridge_name", "u0", "exists as a veth link, not a bridge"),

@@ -124,3 +124,24 @@ def test_absent_keeps_a_bridge_with_a_vm_and_removes_everything_after(
     assert f"delete link {BRIDGE}" in removed["changes"] and BRIDGE not in node.sh("ip -o link show")
     assert not list((persist_root(node.name) / "var/lib/netloom/restore").glob("*vm_nat_network*"))
     assert not nat_run(node, {"state": "absent"})["changed"]
+
+
+def test_a_foreign_bridge_of_that_name_is_never_taken_over(runner: tuple[Netns, Netns, Netns]) -> None:
+    node, _vm, _outside = runner
+    node.sh(f"ip link add {BRIDGE} type bridge && ip addr add 172.31.7.1/24 dev {BRIDGE}")
+    before = view(node)
+    refused = run_module("vm_nat_network", {}, netns=node.name)
+    assert refused.get("failed") and refused["field"] == "name" and "no record" in refused["msg"], refused
+    kept = nat_run(node, {"state": "absent"})
+    assert f"delete link {BRIDGE}" not in kept["changes"] and view(node) == before
+
+
+def test_on_a_runner_with_the_overlay_the_default_subnet_is_refused_naming_the_route(
+        runner: tuple[Netns, Netns, Netns]) -> None:
+    node, _vm, _outside = runner
+    node.sh("ip link add kohaku-overlay type bridge && ip addr add 10.1.0.1/16 dev kohaku-overlay"
+            " && ip link set kohaku-overlay up && ip route add 10.0.0.0/8 via 10.1.0.254")
+    refused = run_module("vm_nat_network", {}, netns=node.name)
+    assert refused.get("failed") and refused["field"] == "subnet", refused
+    assert "the NAT subnet 10.200.0.0/24 overlaps the route 10.0.0.0/8" in refused["msg"], refused
+    assert nat_run(node, {"subnet": "192.168.200.0/24"})["gateway"] == "192.168.200.1/24"

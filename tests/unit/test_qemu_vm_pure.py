@@ -153,6 +153,20 @@ def test_a_share_source_with_a_newline_is_refused() -> None:
     assert caught.value.field_name == "shares[0].source"
 
 
+@pytest.mark.parametrize("source", ["/", "/var", "/var/lib/netloom", "/var/lib/netloom/vms", "/etc/systemd",
+                                    "/run/netloom", "/root/.ssh", "/usr/lib"])
+def test_a_share_of_the_host_system_or_of_netloom_files_is_refused(source: str) -> None:
+    """QEMU runs as root: a writable share of these would let the guest rewrite the host."""
+    with pytest.raises(InputError) as caught:
+        qemu.parse_shares("shares", [{"tag": "data", "source": source}])
+    assert caught.value.field_name == "shares[0].source" and "share a folder of its own" in str(caught.value)
+
+
+def test_a_folder_of_its_own_is_shared() -> None:
+    shares = qemu.parse_shares("shares", [{"tag": "data", "source": "/srv/vmshare/"}])
+    assert shares[0].source == "/srv/vmshare"
+
+
 def rendered_seed(**overrides: object) -> dict[str, str]:
     files = ActionModule.rendered_args(raw_args(**overrides))["rendered"]
     address = ipaddress.IPv4Interface("10.1.255.254/16")
