@@ -18,7 +18,7 @@ description:
     after Docker's DOCKER-USER jump) accepts what the VMs send and only replies towards them, and
     drops anything else forwarded into the bridge. Rules netloom did not write are never touched."
   - The subnet may not overlap a route this module does not own. On a runner with the overlay,
-    10.0.0.0/8 goes to the hub, so the default subnet is refused there naming that route: standard
+    10.0.0.0/8 goes to the hub, so the default subnet is refused there naming that route; standard
     mode is for runners without the overlay (or give a subnet outside the overlay plan).
   - A bridge of that name is renumbered only when netloom's record says this module made it and no
     VM's TAP is on it; C(state=absent) deletes it only then too. Any other bridge of that name with
