@@ -109,7 +109,7 @@ options:
         address from the runner's overlay allocator; other runners' containers and VMs reach it.
       - C(nat) (standard mode) puts it on the NAT bridge C(netloom-vmnat) that C(vm_nat_network)
         converges (10.200.0.1/24 by default, MASQUERADE in a chain netloom owns), with an address
-        from that bridge's own book on the runner (C(/var/lib/netloom/addresses-BRIDGE.json)).
+        from a book of their own on the runner (C(/var/lib/netloom/addresses-nat.json)).
         Run C(vm_nat_network) first; the C(runner_vms) role does.
     type: str
     choices: [overlay, nat]
@@ -303,6 +303,7 @@ from ansible.module_utils.netloom.common import (
 )
 from ansible.module_utils.netloom.files import read_text, write_file
 from ansible.module_utils.netloom.netlink import Netlink, missing_pyroute2
+from ansible.module_utils.netloom.overlay import describe_link
 
 ARGUMENT_SPEC: dict[str, Any] = {
     "name": {"type": "str", "required": True},
@@ -731,7 +732,6 @@ class VmManager:
         bridge = self.snapshot.link(self.spec.bridge)
         if tap is None or bridge is None:
             return
-        names = {link.index: link.name for link in self.snapshot.links.values()}
         fixes: dict[str, Any] = {}
         if tap.master != bridge.index:
             fixes["master"] = self.spec.bridge
@@ -740,9 +740,8 @@ class VmManager:
         if not tap.up:
             fixes["up"] = True
         if fixes:
-            self.plan.add(f"tap {self.spec.tap}", "update",
-                          {"master": names.get(tap.master), "mtu": tap.mtu, "up": tap.up},
-                          {"master": self.spec.bridge, "mtu": self.spec.mtu, "up": True},
+            self.plan.add(f"tap {self.spec.tap}", "update", describe_link(tap, self.snapshot),
+                          {"kind": tap.kind, "mtu": self.spec.mtu, "up": True, "master": self.spec.bridge},
                           lambda: self.nl.set_link(self.spec.tap, **fixes))
 
     def plan_stopped(self) -> None:
