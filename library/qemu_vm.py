@@ -429,6 +429,8 @@ class VmManager:
         for index, share in enumerate(self.spec.shares):
             if not os.path.isdir(share.source):
                 raise InputError(f"shares[{index}].source", share.source, "no such folder on this node")
+            # Where a symlink really leads, on the node (/var/run is /run on Debian).
+            qemu.check_share_source(f"shares[{index}].source", os.path.realpath(share.source))
         for index, address in enumerate(self.spec.vfio):
             qemu.check_vfio(f"vfio[{index}]", address)
         rendered = params["rendered"] or {}
@@ -796,13 +798,12 @@ class VmManager:
         the address is released even when the bridge is already gone."""
         bridge = self.record.get("bridge") or self.spec.bridge
         book = NAT_BOOK if self.record.get("network", self.params["network"]) == "nat" else None
-        allocator = open_runner_allocator(self.module, nl, None, bridge, DEFAULT_NETWORK, required=False,
-                                          book=book)
-        if allocator is None and self.record.get("address"):
+        if self.record.get("address"):  # the subnet it was given, even if the bridge was renumbered since
             subnet = ipaddress.IPv4Interface(self.record["address"]).network
-            allocator = OverlayAllocator(self.module, addressing_from_subnet(subnet), nl=nl, bridge=bridge,
-                                         network=DEFAULT_NETWORK, book=book)
-        return allocator
+            return OverlayAllocator(self.module, addressing_from_subnet(subnet), nl=nl, bridge=bridge,
+                                    network=DEFAULT_NETWORK, book=book)
+        return open_runner_allocator(self.module, nl, None, bridge, DEFAULT_NETWORK, required=False,
+                                     book=book)
 
     # ---- actions (plan step bodies) ----
 

@@ -21,8 +21,9 @@ description:
     10.0.0.0/8 goes to the hub, so the default subnet is refused there naming that route; standard
     mode is for runners without the overlay (or give a subnet outside the overlay plan).
   - A bridge of that name is renumbered only when netloom's record says this module made it and no
-    VM's TAP is on it; C(state=absent) deletes it only then too. Any other bridge of that name with
-    other addresses fails, naming I(name).
+    VM's TAP is on it; C(state=absent) deletes it only then too. A bridge of that name that netloom
+    has no record of making and that holds other addresses, or ports other than VM TAPs, fails,
+    naming I(name).
   - Each real run records itself for netloom-restore's early boot phase (before the VMs' units
     start), so the bridge and chains come back after a reboot with no Ansible run.
     C(state=absent) removes the chains and the record, and the bridge when no TAP is left on it.
@@ -111,6 +112,7 @@ from ansible.module_utils.netloom.overlay import (
     plan_addresses,
 )
 from ansible.module_utils.netloom.persist import RESTORE_OPTION, recorded_args
+from ansible.module_utils.netloom.qemu import TAP_PREFIX as VM_TAP_PREFIX
 from ansible.module_utils.netloom.sysctl import plan_sysctls
 
 NAT_CHAIN = "NETLOOM-VMNAT"
@@ -159,11 +161,14 @@ class VmNatNetwork(OverlayManager):
         check_overlay_routes(snapshot, "subnet", self.params["subnet"], self.subnet, {self.bridge},
                              what="the NAT subnet")
         stale = [interface for interface in snapshot.addresses_of(self.bridge) if interface != self.gateway]
-        if stale and not self.owns_bridge():
-            raise InputError("name", self.bridge,
-                             f"exists with {', '.join(map(str, stale))} and netloom has no record of making "
-                             "it: not netloom's NAT bridge; pick another name")
         ports = [member.name for member in snapshot.ports_of(self.bridge)]
+        foreign_ports = [member.name for member in snapshot.ports_of(self.bridge)
+                         if not (member.kind == "tun" and member.name.startswith(VM_TAP_PREFIX))]
+        if (stale or foreign_ports) and not self.owns_bridge():
+            held = [*map(str, stale), *(f"port {name}" for name in foreign_ports)]
+            raise InputError("name", self.bridge,
+                             f"exists with {', '.join(held)} and netloom has no record of making "
+                             "it: not netloom's NAT bridge; pick another name")
         if stale and ports:
             raise InputError("subnet", self.params["subnet"],
                              f"{self.bridge} holds {', '.join(map(str, stale))} and has ports "

@@ -79,6 +79,16 @@ def test_bad_input_fails_naming_the_field_before_any_change(node: tuple[Netns, p
         assert_nothing_changed(ns, tmp_path)
 
 
+def test_a_share_that_is_a_symlink_into_a_protected_path_fails(node: tuple[Netns, pathlib.Path]) -> None:
+    """The protected paths are checked where the share really leads, on the node."""
+    ns, tmp_path = node
+    (tmp_path / "runlink").symlink_to("/run")
+    share = {"tag": "data", "source": str(tmp_path / "runlink")}
+    result = run_module("qemu_vm", vm_args(tmp_path, shares=[share]), netns=ns.name)
+    assert result.get("failed") and result["field"] == "shares[0].source" and "/run" in result["msg"], result
+    assert_nothing_changed(ns, tmp_path)
+
+
 def test_a_tap_name_taken_by_a_foreign_link_fails(node: tuple[Netns, pathlib.Path]) -> None:
     ns, tmp_path = node
     ns.sh("ip tuntap add dev nlvm-web1 mode tap")

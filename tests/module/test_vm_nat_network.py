@@ -145,3 +145,14 @@ def test_on_a_runner_with_the_overlay_the_default_subnet_is_refused_naming_the_r
     assert refused.get("failed") and refused["field"] == "subnet", refused
     assert "the NAT subnet 10.200.0.0/24 overlaps the route 10.0.0.0/8" in refused["msg"], refused
     assert nat_run(node, {"subnet": "192.168.200.0/24"})["gateway"] == "192.168.200.1/24"
+
+
+def test_a_foreign_bridge_with_a_port_and_no_address_is_not_taken_over(
+        runner: tuple[Netns, Netns, Netns]) -> None:
+    node, _vm, _outside = runner
+    node.sh(f"ip link add {BRIDGE} type bridge && ip link add nic9 type veth peer name nic9p"
+            f" && ip link set nic9 master {BRIDGE}")
+    before = view(node)
+    refused = run_module("vm_nat_network", {}, netns=node.name)
+    assert refused.get("failed") and refused["field"] == "name" and "port nic9" in refused["msg"], refused
+    assert view(node) == before and "VMNAT" not in node.sh("iptables-save")
